@@ -1,0 +1,67 @@
+"""The ``qdetr-deploy`` Click group: argument parsing, progress display and error-to-exit-code mapping.
+
+Each command lives in its own module under this package and is a thin wrapper over one library function.
+User mistakes (:class:`~qdetr_deploy.errors.QDetrError`) become one line on stderr and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qdetr_deploy import __version__
+from qdetr_deploy.errors import QDetrError
+
+
+class _Group(click.Group):
+    """Maps QDetrError (and the usual file-system errors) to one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D401
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except (QDetrError, OSError, MemoryError) as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            msg = str(e) if isinstance(e, QDetrError) else f"{type(e).__name__}: {e}"
+            click.echo(f"error: {' '.join(msg.split())}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qdetr-deploy")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Quantized detection transformers (Q-DETR): distill, export, build engines, benchmark."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    """Attach every command module that exists (each module defines ``command``)."""
+    import importlib
+    import pkgutil
+
+    import qdetr_deploy.cli as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"qdetr_deploy.cli.{info.name}")
+        for obj in getattr(module, "COMMANDS", ()):
+            cli.add_command(obj)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(obj={})
