@@ -1,0 +1,125 @@
+"""``quantize(model, config)``: swap a DETR's layers for quantized ones in place; ``calibrate`` sets steps.
+
+Which layer gets what (QDETR_METHOD.md §1): the stem conv at ``stem_bits``; other backbone convs, the
+transformer FFN linears and the attention projections at ``w_bits``/``a_bits``; q, k, v and the softmax
+output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs, input_proj, heads) stay
+float, as do LayerNorm, softmax and residual adds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.quant.config import QuantConfig
+from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
+from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
+
+CALIBRATION_METHODS = ("lsq+", "minmax", "percentile")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, ActQuantizer) for m in model.modules())
+
+
+def _is_fp(name: str, config: QuantConfig) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in config.fp_modules)
+
+
+def _attention_kind(name: str) -> str:
+    """'self' / 'cross' for decoder attention, 'encoder' otherwise."""
+    if ".decoder." in f".{name}":
+        return "cross" if name.endswith("multihead_attn") else "self"
+    return "encoder"
+
+
+def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Replace the layers of a float DETR with quantized ones, in place; returns ``model``.
+
+    Weight steps are initialised from the weights (LSQ+); activation steps on the first data they see,
+    or by :func:`calibrate`. The config is kept as ``model.quant_config``.
+    """
+    if is_quantized(model):
+        raise QDetrError("model is already quantized")
+    per_ch = config.act_granularity == "channel"
+    sign = config.act_sign
+    stem_done = False
+    for name, module in list(model.named_modules()):
+        if not name or _is_fp(name, config) or isinstance(module, ActQuantizer):
+            continue
+        if isinstance(module, MultiheadAttention):
+            kind = _attention_kind(name)
+            da = kind != "encoder" and config.da_on(kind)
+            QuantMultiheadAttention.from_float(module, config.w_bits, config.a_bits, config.attn_bits,
+                                               per_ch, sign, da)
+        elif isinstance(module, nn.Conv2d) and not isinstance(module, QuantConv2d):
+            stem = not stem_done and module.in_channels == 3
+            stem_done = stem_done or stem
+            w, a = (config.stem_bits, config.stem_bits) if stem else (config.w_bits, config.a_bits)
+            QuantConv2d.from_float(module, w, a, per_ch, "signed" if stem else sign)
+        elif isinstance(module, nn.Linear) and not isinstance(module, QuantLinear):
+            if name.startswith("transformer.") and not name.endswith("out_proj"):
+                QuantLinear.from_float(module, config.w_bits, config.a_bits, per_ch, sign)
+    model.quant_config = config
+    return model
+
+
+def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuantizer):
+            yield name, m
+
+
+def weight_quantized_layers(model: nn.Module) -> Iterator[tuple[str, WeightQuantMixin]]:
+    for name, m in model.named_modules():
+        if isinstance(m, WeightQuantMixin):
+            yield name, m
+
+
+def _as_inputs(batch) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    images, mask = batch[0], batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+    return images, mask
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, method: str = "lsq+", percentile: float = 99.99,
+              progress: bool = True) -> nn.Module:
+    """Initialise every step and zero point of a quantized model from calibration batches.
+
+    ``batches`` yields image tensors [B,3,H,W] or (images, mask[, targets]) tuples. Activation statistics
+    are collected on the float model (quantizers transparent) over all batches, then each quantizer is set
+    by ``method``: "lsq+" (released-code rule on mean|x| and min x), "minmax" or "percentile". Weight steps
+    follow the same method.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise QDetrError(f"calibration method {method!r} is not one of {list(CALIBRATION_METHODS)}")
+    if not is_quantized(model):
+        raise QDetrError("calibrate needs a quantized model: call quantize(model, config) first")
+    was_training = model.training
+    model.eval()
+    quantizers = [q for _, q in act_quantizers(model)]
+    for q in quantizers:
+        q.start_observing(percentile if method == "percentile" else None)
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc=f"calibrate ({method})", disable=not progress, unit="batch"):
+            images, mask = _as_inputs(batch)
+            model(images, mask)
+            seen += 1
+    finally:
+        for q in quantizers:
+            q.finish_observing(method) if seen else setattr(q, "observer", None)
+    if seen == 0:
+        raise QDetrError("no calibration batches: the calibration image set is empty")
+    for _, layer in weight_quantized_layers(model):
+        layer.init_weight_step(method, percentile)
+    model.train(was_training)
+    return model

@@ -1,0 +1,94 @@
+"""``QuantConfig``: what gets quantized, to how many bits, and where distribution alignment sits."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from qdetr_deploy.errors import QDetrError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+DA_PLACEMENTS = ("none", "self", "cross", "both")
+GRANULARITIES = ("tensor", "channel")
+SIGN_RULES = ("auto", "signed")
+
+# Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
+# LayerNorm, softmax and residual adds are never swapped. Patterns are fnmatch patterns on module names.
+DEFAULT_FP_MODULES = (
+    "backbone.0.body.layer*.*.downsample.*",
+    "input_proj",
+    "class_embed",
+    "bbox_embed.*",
+)
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a DETR (Q-DETR, QDETR_METHOD.md §1-§2).
+
+    w_bits / a_bits: weights and input activations of backbone convs, FFN and attention projections.
+    attn_bits: q, k, v and the softmax output inside attention.
+    act_granularity: "tensor" (one step per tensor: every runtime deploys it) or "channel" (per channel for
+        conv/linear inputs and per head inside attention, as in the released Q-DETR code).
+    da: distribution alignment of decoder queries: "none", "self" (decoder self-attention, released code),
+        "cross" (decoder cross-attention, the paper's text) or "both".
+    act_sign: "auto" (released code: unsigned range when the first calibration batch has no value below
+        -1e-5, signed otherwise) or "signed" (always the paper's signed range).
+    stem_bits: bits of the first (stem) convolution's weights and input.
+    fp_modules: fnmatch patterns of module names that stay full precision.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    attn_bits: int = 8
+    act_granularity: str = "tensor"
+    da: str = "self"
+    act_sign: str = "auto"
+    stem_bits: int = 8
+    fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
+
+    def __post_init__(self) -> None:
+        self.fp_modules = tuple(self.fp_modules)
+        for name in ("w_bits", "a_bits", "attn_bits", "stem_bits"):
+            bits = getattr(self, name)
+            if bits not in SUPPORTED_BITS:
+                raise QDetrError(f"{name}={bits} is not supported: choose one of {list(SUPPORTED_BITS)}")
+        _check_choice("da", self.da, DA_PLACEMENTS)
+        _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
+        _check_choice("act_sign", self.act_sign, SIGN_RULES)
+
+    @classmethod
+    def from_bits(cls, bits: str, **kwargs: Any) -> QuantConfig:
+        """``QuantConfig.from_bits("4-4-8")``: weight-activation-attention bits."""
+        parts = str(bits).split("-")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise QDetrError(f"bits {bits!r} must look like W-A-ATTN, e.g. 4-4-8")
+        w, a, attn = (int(p) for p in parts)
+        return cls(w_bits=w, a_bits=a, attn_bits=attn, **kwargs)
+
+    @property
+    def bits(self) -> str:
+        return f"{self.w_bits}-{self.a_bits}-{self.attn_bits}"
+
+    def da_on(self, kind: str) -> bool:
+        """Whether DA applies to decoder attention of ``kind`` ("self" or "cross")."""
+        return self.da in (kind, "both")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fp_modules"] = list(self.fp_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QDetrError(f"unknown QuantConfig fields {unknown}")
+        return cls(**d)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise QDetrError(f"{name}={value!r} is not one of {list(choices)}")

@@ -1,0 +1,110 @@
+"""Quantized layers that replace float ones in place (see :func:`qdetr_deploy.quant.quantize`).
+
+- :class:`QuantConv2d`, :class:`QuantLinear`: b-bit per-channel weights (``alpha``) and a b-bit input
+  quantizer (``act``).
+- :class:`QuantMultiheadAttention`: b-bit ``in_proj_weight`` (step ``in_proj_alpha``) with input quantizers
+  ``query_act``, ``key_act``, ``value_act``; 8-bit ``q_act``, ``k_act``, ``v_act`` and ``attn_act`` (softmax
+  output) inside attention; optional DA ``norm_q`` before ``q_act``. ``out_proj`` becomes a QuantLinear.
+  Order (released code): q = DA(q) -> Q8(q); k = Q8(k); A = softmax((q k^T) * scaling); A = Q8(A);
+  v = Q8(v); out = A v.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.quant.align import DistributionAlignment
+from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
+
+
+class QuantConv2d(WeightQuantMixin, nn.Conv2d):
+    """Conv2d with LSQ+ weight (per output channel) and input (NCHW, channel dim 1) quantization."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, per_channel_act: bool,
+                   sign_rule: str) -> QuantConv2d:
+        conv.__class__ = cls
+        conv._init_weight_quant(w_bits)
+        channels = conv.in_channels if per_channel_act else 1
+        conv.act = ActQuantizer(a_bits, channels, 1, sign_rule).to(conv.weight.device)
+        return conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.act(x), self.quant_weight(), self.bias)
+
+
+class QuantLinear(WeightQuantMixin, nn.Linear):
+    """Linear with LSQ+ weight (per output channel) and input (channels last) quantization."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int, a_bits: int, per_channel_act: bool,
+                   sign_rule: str) -> QuantLinear:
+        linear.__class__ = cls
+        linear._init_weight_quant(w_bits)
+        channels = linear.in_features if per_channel_act else 1
+        linear.act = ActQuantizer(a_bits, channels, -1, sign_rule).to(linear.weight.device)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.act(x), self.quant_weight(), self.bias)
+
+
+class QuantMultiheadAttention(WeightQuantMixin, MultiheadAttention):
+    """MultiheadAttention with quantized projections, quantized q/k/v/softmax and optional DA."""
+
+    @property
+    def weight(self) -> Tensor:  # WeightQuantMixin quantizes ``weight``: here the packed in_proj
+        return self.in_proj_weight
+
+    @classmethod
+    def from_float(cls, mha: MultiheadAttention, w_bits: int, a_bits: int, attn_bits: int,
+                   per_channel_act: bool, sign_rule: str, da: bool) -> QuantMultiheadAttention:
+        mha.__class__ = cls
+        mha._init_in_proj_quant(w_bits)
+        e, h = mha.embed_dim, mha.num_heads
+        dev = mha.in_proj_weight.device
+        in_ch, heads = (e, h) if per_channel_act else (1, 1)
+        for name in ("query_act", "key_act", "value_act"):
+            setattr(mha, name, ActQuantizer(a_bits, in_ch, -1, sign_rule).to(dev))
+        for name in ("q_act", "k_act", "v_act", "attn_act"):  # [B, h, L, d]: heads on dim 1
+            setattr(mha, name, ActQuantizer(attn_bits, heads, 1, sign_rule).to(dev))
+        mha.norm_q = DistributionAlignment(mha.head_dim).to(dev) if da else None
+        QuantLinear.from_float(mha.out_proj, w_bits, a_bits, per_channel_act, sign_rule)
+        return mha
+
+    def _init_in_proj_quant(self, w_bits: int) -> None:
+        self.w_bits = w_bits
+        self.in_proj_alpha = nn.Parameter(torch.ones(self.in_proj_weight.shape[0], 1,
+                                                     device=self.in_proj_weight.device))
+        self.register_buffer("in_proj_init_state", torch.zeros(1, device=self.in_proj_weight.device))
+        self.init_weight_step("lsq+")
+
+    # WeightQuantMixin works on ``alpha`` / ``init_state``: point them at the in_proj names.
+    @property
+    def alpha(self) -> nn.Parameter:  # type: ignore[override]
+        return self.in_proj_alpha
+
+    @property
+    def init_state(self) -> Tensor:  # type: ignore[override]
+        return self.in_proj_init_state
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        w, b, e = self.quant_weight(), self.in_proj_bias, self.embed_dim
+        q = F.linear(self.query_act(query), w[:e], b[:e])
+        k = F.linear(self.key_act(key), w[e : 2 * e], b[e : 2 * e])
+        v = F.linear(self.value_act(value), w[2 * e :], b[2 * e :])
+        return self._split_heads(q), self._split_heads(k), self._split_heads(v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if self.norm_q is not None:
+            q = self.norm_q(q)
+        q, k = self.q_act(q), self.k_act(k)
+        scores = (q @ k.transpose(-2, -1)) * self.scaling  # [B, h, Lq, Lk]
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        attn = self.attn_act(scores.softmax(dim=-1))
+        attn = F.dropout(attn, p=self.dropout, training=self.training)
+        return attn @ self.v_act(v)  # [B, h, Lq, d]
