@@ -30,7 +30,8 @@ def _print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"layers ({report['bits']}, input {report['input_size'][0]}x{report['input_size'][1]})")
+    h, w = report["input_size"]
+    table = Table(title=f"layers ({report['bits']}, input {h}x{w})")
     for col in ("layer", "kind", "W bits", "A bits", "params", "MMACs", "step mean", "step min..max"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for r in report["layers"]:

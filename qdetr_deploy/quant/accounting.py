@@ -58,7 +58,7 @@ def op_factor(rec: LayerCost, model_bits: int, mode: str = "paper") -> float:
 
 
 def size_bits(rec: LayerCost, model_bits: int, mode: str = "paper") -> int:
-    """Bits of one layer's weights: as quantized ("exact"), or every layer but the stem at b bits ("paper")."""
+    """Bits of a layer's weights: as quantized ("exact"), or all but the stem at b bits ("paper")."""
     if mode == "exact" or model_bits >= 32 or (rec.w_bits == 8 and rec.kind == "conv"):
         return rec.params * rec.w_bits
     return rec.params * model_bits

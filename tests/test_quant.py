@@ -1,0 +1,170 @@
+"""LSQ+ quantizers, distribution alignment, quantize()/calibrate() (QDETR_METHOD.md §1-§2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.models import build_detr, get_preset
+from qdetr_deploy.quant import (
+    ActQuantizer,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    QuantMultiheadAttention,
+    act_quantizers,
+    calibrate,
+    fake_quant_act,
+    fake_quant_weight,
+    int_range,
+    quantize,
+)
+from qdetr_deploy.quant.align import DistributionAlignment, normalize_per_token
+from qdetr_deploy.quant.lsq import act_codes, weight_codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_fake_quant_on_grid_and_idempotent(bits: int) -> None:
+    torch.manual_seed(bits)
+    w, alpha = torch.randn(7, 13), torch.rand(7, 1) * 0.3 + 0.01
+    qn, qp = int_range(bits, signed=True)
+    w_hat = fake_quant_weight(w, alpha, qn, qp)
+    codes = weight_codes(w, alpha, qn, qp)
+    assert torch.equal(codes, torch.round(codes)) and codes.min() >= qn and codes.max() <= qp
+    assert torch.equal(w_hat, codes * alpha)  # exactly what a DequantizeLinear computes
+    assert torch.equal(fake_quant_weight(w_hat, alpha, qn, qp), w_hat)
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(2, True), (3, False), (4, True), (4, False), (8, False)])
+def test_act_fake_quant_on_grid_and_idempotent(bits: int, signed: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 33) * 3
+    alpha, z = torch.tensor(0.37), torch.tensor(1.3)  # z is rounded to 1 inside
+    qn, qp = int_range(bits, signed)
+    x_hat = fake_quant_act(x, alpha, z, qn, qp)
+    codes = x_hat / alpha + 1
+    assert torch.allclose(codes, torch.round(codes), atol=1e-5)
+    assert codes.min() >= qn - 1e-5 and codes.max() <= qp + 1e-5
+    assert torch.equal(fake_quant_act(x_hat, alpha, z, qn, qp), x_hat)
+    assert torch.equal(act_codes(x, alpha, z, qn, qp), torch.round(codes))
+
+
+def test_round_half_to_even() -> None:
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    out = fake_quant_act(x, torch.tensor(1.0), torch.tensor(0.0), -8, 7)
+    assert out.tolist() == [0.0, 2.0, 2.0, -0.0, -2.0]
+
+
+def test_integer_range_and_sign_rule() -> None:
+    assert int_range(4, True) == (-8, 7) and int_range(4, False) == (0, 15)
+    relu_out = torch.relu(torch.randn(2, 8, 5, 5))
+    q = ActQuantizer(4, sign_rule="auto")
+    q(relu_out)
+    assert not bool(q.signed) and q.qrange() == (0, 15)
+    q2 = ActQuantizer(4, sign_rule="auto")
+    q2(torch.randn(2, 8, 5, 5))
+    assert bool(q2.signed) and q2.qrange() == (-8, 7)
+
+
+def test_gradients_reach_weights_and_steps() -> None:
+    torch.manual_seed(0)
+    conv = QuantConv2d.from_float(torch.nn.Conv2d(3, 5, 3), 4, 4, False, "auto")
+    x = torch.randn(2, 3, 9, 9)
+    conv(x).square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert conv.alpha.grad is not None and conv.alpha.grad.abs().sum() > 0
+    assert conv.act.alpha.grad is not None and conv.act.alpha.grad.abs().sum() > 0
+    assert conv.act.zero_point.grad is not None
+
+
+def test_lsq_plus_initialisation() -> None:
+    x = torch.randn(1000) * 2
+    q = ActQuantizer(4, sign_rule="signed")
+    q.init_lsq_plus(x)
+    qn, qp = q.qrange()
+    alpha = 2 * x.abs().mean() / qp**0.5
+    assert torch.allclose(q.alpha, alpha.reshape(1))
+    assert torch.allclose(q.zero_point, (0.1 * (x.min() - alpha * qn)).reshape(1))
+    lin = QuantLinear.from_float(torch.nn.Linear(16, 4), 4, 4, False, "auto")
+    expected = 2 * lin.weight.detach().abs().mean(1, keepdim=True) / 7**0.5
+    assert torch.allclose(lin.alpha, expected)
+
+
+def test_distribution_alignment_statistics() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 7, 32) * 5 + 2
+    normed = normalize_per_token(q)
+    assert torch.allclose(normed.mean(-1), torch.zeros(2, 3, 7), atol=1e-5)
+    assert torch.allclose(normed.var(-1, unbiased=True), torch.ones(2, 3, 7), atol=1e-3)
+    da = DistributionAlignment(32)
+    assert da.scale.shape == (1, 1, 1, 32) and da.bias.shape == (32,)
+    assert torch.allclose(da(q), normed)
+
+
+def _tiny(bits: str = "4-4-8", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return quantize(build_detr(get_preset("detr_tiny")), QuantConfig.from_bits(bits, **kw))
+
+
+def test_quantize_swaps_the_right_layers() -> None:
+    model = _tiny(da="both")
+    body = model.backbone[0].body
+    assert isinstance(body.conv1, QuantConv2d) and body.conv1.w_bits == 8 and body.conv1.act.bits == 8
+    assert isinstance(body.layer1[0], QuantConv2d) and body.layer1[0].w_bits == 4
+    assert type(model.input_proj) is torch.nn.Conv2d
+    assert type(model.class_embed) is torch.nn.Linear
+    enc = model.transformer.encoder.layers[0]
+    dec = model.transformer.decoder.layers[0]
+    assert isinstance(enc.linear1, QuantLinear) and isinstance(enc.self_attn.out_proj, QuantLinear)
+    assert isinstance(dec.multihead_attn, QuantMultiheadAttention)
+    assert enc.self_attn.norm_q is None
+    assert dec.self_attn.norm_q is not None and dec.multihead_attn.norm_q is not None
+    assert dec.self_attn.q_act.bits == 8 and dec.self_attn.query_act.bits == 4
+    names = dict(model.named_parameters())
+    for key in ("transformer.decoder.layers.0.self_attn.norm_q.scale",
+                "transformer.encoder.layers.0.linear1.alpha",
+                "transformer.encoder.layers.0.linear1.act.alpha",
+                "transformer.encoder.layers.0.linear1.act.zero_point",
+                "transformer.decoder.layers.1.multihead_attn.attn_act.alpha"):
+        assert key in names, key
+    with pytest.raises(QDetrError):
+        quantize(model, QuantConfig())
+
+
+@pytest.mark.parametrize("placement", ["none", "self", "cross"])
+def test_da_placement(placement: str) -> None:
+    model = _tiny(da=placement)
+    dec = model.transformer.decoder.layers[1]
+    assert (dec.self_attn.norm_q is not None) == (placement == "self")
+    assert (dec.multihead_attn.norm_q is not None) == (placement == "cross")
+
+
+def test_per_channel_and_per_head_steps() -> None:
+    model = _tiny(act_granularity="channel")
+    attn = model.transformer.encoder.layers[0].self_attn
+    assert attn.q_act.alpha.shape == (3,) and attn.query_act.alpha.shape == (96,)
+    model.eval()(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("method", ["lsq+", "minmax", "percentile"])
+def test_calibrate_initialises_every_quantizer(method: str) -> None:
+    model = _tiny()
+    batches = [torch.randn(2, 3, 64, 64) for _ in range(2)]
+    calibrate(model, batches, method=method, progress=False)
+    for name, q in act_quantizers(model):
+        assert q.initialised, name
+        assert torch.all(q.alpha > 0), name
+    out = model.eval()(batches[0])
+    assert torch.isfinite(out["pred_boxes"]).all()
+
+
+def test_bad_config_values() -> None:
+    with pytest.raises(QDetrError, match="w_bits=5"):
+        QuantConfig.from_bits("5-4-8")
+    with pytest.raises(QDetrError):
+        QuantConfig(da="encoder")
+    with pytest.raises(QDetrError):
+        QuantConfig.from_bits("4bit")
+    cfg = QuantConfig.from_bits("3-3-8", da="cross")
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
