@@ -1,0 +1,195 @@
+"""``bench_engines``: latency (and, with images + annotations, COCO accuracy) of several engines at once.
+
+Without images: engine-only latency on random input of each engine's shape. With images and COCO
+annotations: one end-to-end pass over the images (load + preprocess + run + post-process, timed per batch)
+that also collects the detections for COCO evaluation, then engine-only timing on already preprocessed
+batches. Engines are interleaved round-robin in every phase.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qdetr_deploy.bench.cocoeval import evaluate_coco, load_coco_gt
+from qdetr_deploy.bench.latency import interleaved, latency_stats, memory_snapshot, time_call
+from qdetr_deploy.bench.preprocess import detections_to_coco, outputs_to_detections, preprocess
+from qdetr_deploy.engines import Engine, check_batch, open_engine
+from qdetr_deploy.errors import QDetrError
+
+KEEP_BATCHES = 4  # preprocessed batches kept per engine for engine-only timing
+
+
+def _names(engines: list[Engine]) -> list[str]:
+    names: list[str] = []
+    for e in engines:
+        name = e.name
+        while name in names:
+            name = f"{e.name}#{len(names)}"
+        names.append(name)
+    return names
+
+
+def run_batch_for(engine: Engine, batch: int) -> int:
+    """Batch the engine is called with: its static batch (``batch`` may be smaller: padded), else batch."""
+    if batch < 1:
+        raise QDetrError(f"batch must be at least 1, got {batch}")
+    static = engine.static_batch
+    check_batch(engine, static if static is not None and batch <= static else batch)
+    return static if static is not None else batch
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    if x.shape[0] == n:
+        return x
+    return np.concatenate([x, np.zeros((n - x.shape[0], *x.shape[1:]), x.dtype)])
+
+
+def _engine_info(engine: Engine, name: str, run_batch: int) -> dict:
+    meta = engine.metadata
+    spec = engine.input_spec
+    return {"name": name, "path": str(engine.path), "backend": engine.backend, "device": engine.device,
+            "input_spec": {"name": spec[0], "shape": spec[1], "dtype": spec[2]}, "run_batch": run_batch,
+            "bits": meta.get("bits"), "input_size": meta.get("input_size"),
+            "postprocess": meta.get("postprocess")}
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, file=sys.stderr, unit="run")
+
+
+def _random_phase(engines: list[Engine], names: list[str], runs: list[int], batch: int, warmup: int,
+                  iters: int, progress: bool) -> dict[str, list[float]]:
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for e, n, rb in zip(engines, names, runs):
+        H, W = (int(d) for d in e.input_spec[1][2:])
+        inputs[n] = _pad(rng.standard_normal((batch, 3, H, W)).astype(np.float32), rb)
+    runners = {n: (lambda _i, e=e, n=n: e.run(inputs[n])) for e, n in zip(engines, names)}
+    with _bar((warmup + iters) * len(engines), "latency", progress) as bar:
+        return interleaved(runners, warmup, iters, bar)
+
+
+def select_images(ann_file: str | os.PathLike, images_dir: str | os.PathLike,
+                  max_images: int | None) -> list[tuple[int, Path]]:
+    """(image id, file) of the annotated images, in annotation order, the first ``max_images``; every
+    file must exist (checked up front, one line naming the first missing one)."""
+    gt = load_coco_gt(ann_file)
+    images = gt.dataset["images"][: max_images or None]
+    if not images:
+        raise QDetrError("no images in the annotations", ann_file)
+    out = []
+    for im in images:
+        if "file_name" not in im:
+            raise QDetrError(f"image {im['id']} has no file_name", ann_file)
+        path = Path(images_dir) / im["file_name"]
+        if not path.is_file():
+            raise QDetrError("image not found", path)
+        out.append((int(im["id"]), path))
+    return out
+
+
+def detect_batch(engine: Engine, items: list[tuple[int, Path]], run_batch: int, score_threshold: float = 0.0,
+                 topk: int = 100, keep: list | None = None) -> list[dict]:
+    """End to end for one batch of (image id, file): preprocess, run, post-process, COCO results."""
+    meta = engine.metadata
+    pre = [preprocess(p, meta["input_size"], meta["mean"], meta["std"]) for _, p in items]
+    x = _pad(np.stack([p.array for p in pre]), run_batch)
+    if keep is not None and len(keep) < KEEP_BATCHES:
+        keep.append(x)
+    scores, labels, boxes = outputs_to_detections(engine.run(x), meta)
+    dets = []
+    for j, ((image_id, _), p) in enumerate(zip(items, pre)):
+        dets += detections_to_coco(scores[j], labels[j], boxes[j], p.scale, image_id,
+                                   meta.get("category_ids"), score_threshold, topk, image_size=p.orig_size)
+    return dets
+
+
+def _image_phase(engines: list[Engine], names: list[str], runs: list[int], items: list, batch: int,
+                 warmup: int, progress: bool) -> tuple[dict, dict, dict]:
+    """Warm-up on the first batch, then one timed end-to-end pass; returns times, detections, kept inputs."""
+    chunks = [items[i: i + batch] for i in range(0, len(items), batch)]
+    dets: dict[str, list] = {n: [] for n in names}
+    kept: dict[str, list] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    order = list(range(len(engines)))
+    with _bar((warmup + len(chunks)) * len(engines), "images", progress) as bar:
+        for i in range(warmup):
+            for k in order[i % len(order):] + order[: i % len(order)]:
+                detect_batch(engines[k], chunks[0], runs[k])
+                bar.update(1)
+        for i, chunk in enumerate(chunks):
+            for k in order[i % len(order):] + order[: i % len(order)]:
+                dt, out = time_call(lambda k=k, chunk=chunk: detect_batch(engines[k], chunk, runs[k],
+                                                                          keep=kept[names[k]]))
+                times[names[k]].append(dt)
+                dets[names[k]] += out
+                bar.update(1)
+    return times, dets, kept
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    for key in ("engine_latency", "e2e_latency"):
+        base = (rows[0].get(key) or {}).get("p50_ms")
+        for r in rows:
+            p50 = (r.get(key) or {}).get("p50_ms")
+            r.setdefault("ratio_vs_first", {})[key] = p50 / base if base and p50 is not None else None
+
+
+def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike | None = None,
+                  ann_file: str | os.PathLike | None = None, batch: int = 1, warmup: int = 10,
+                  iters: int = 50, report_dir: str | os.PathLike | None = None, max_images: int | None = None,
+                  progress: bool = True, score_threshold: float = 0.0, topk: int = 100) -> dict:
+    """Benchmark engines side by side; with ``report_dir`` also write JSON, Markdown, PNGs and detections.
+    Returns the JSON-ready result (see ``bench/report.py``)."""
+    if not paths:
+        raise QDetrError("no engines given")
+    if (images_dir is None) != (ann_file is None):
+        raise QDetrError("--images and --ann go together (or leave both out for latency on random input)")
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise QDetrError("image folder not found", images_dir)
+    engines = [open_engine(p) for p in paths]
+    names = _names(engines)
+    runs = [run_batch_for(e, batch) for e in engines]
+    rows = [_engine_info(e, n, rb) for e, n, rb in zip(engines, names, runs)]
+    items = select_images(ann_file, images_dir, max_images) if images_dir is not None else None
+    detections: dict[str, list] = {}
+    if items is None:
+        eng_times = _random_phase(engines, names, runs, batch, warmup, iters, progress)
+        e2e_times: dict[str, list[float]] = {}
+    else:
+        e2e_times, detections, kept = _image_phase(engines, names, runs, items, batch, warmup, progress)
+        runners = {n: (lambda i, e=e, n=n: e.run(kept[n][i % len(kept[n])])) for e, n in zip(engines, names)}
+        with _bar(iters * len(engines), "engine only", progress) as bar:
+            eng_times = interleaved(runners, 0, iters, bar)
+    for e, n, row in zip(engines, names, rows):
+        row["engine_latency"] = latency_stats(eng_times[n], batch)
+        row["engine_latencies_ms"] = [t * 1e3 for t in eng_times[n]]
+        row["e2e_latency"] = latency_stats(e2e_times[n], batch) if n in e2e_times else None
+        row["e2e_latencies_ms"] = [t * 1e3 for t in e2e_times.get(n, [])]
+        row["memory"] = memory_snapshot(e)
+        row["coco"] = evaluate_coco(ann_file, detections[n], [i for i, _ in items]) if items else None
+        if row["coco"]:
+            row["coco"]["num_detections"] = len(detections[n])
+    _add_ratios(rows)
+    result = {
+        "format": "qdetr-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "images" if items else "random",
+        "config": {"batch": batch, "warmup": warmup, "iters": iters, "max_images": max_images,
+                   "images_dir": str(images_dir) if images_dir else None,
+                   "ann_file": str(ann_file) if ann_file else None, "num_images": len(items or []),
+                   "host": {"python": platform.python_version(), "machine": platform.machine(),
+                            "cpus": os.cpu_count()}},
+        "engines": rows,
+    }
+    if report_dir is not None:
+        from qdetr_deploy.bench.report import write_reports
+
+        result["report_files"] = write_reports(result, report_dir, detections)
+    return result

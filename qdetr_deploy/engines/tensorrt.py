@@ -1,0 +1,355 @@
+"""TensorRT backend (10.x, e.g. 10.3 on JetPack 6, and 11.x): build, the engine file header, run.
+
+Engine file = ``b"QDETRTRT"`` + little-endian uint32 JSON length + JSON header
+``{trt_version, gpu_name, compute_capability, metadata, created, build}`` + the serialized plan. The header
+lets :meth:`TrtEngine.load` refuse, in one line, a plan built with another TensorRT or on another GPU. Header
+reading and checking are pure functions (no TensorRT needed).
+
+Precision: networks are strongly typed (on 10.x the STRONGLY_TYPED flag; 11.x has no other kind), so
+precision follows the ONNX types: the int8 container graph runs its Q/DQ layers in int8 and its float
+parts in the ONNX float type. ``fp16=True`` only takes effect on 10.x for a plain float graph
+(``int8_container=False``), built weakly typed with the FP16 flag.
+
+``tensorrt`` and ``torch`` (device buffers) are imported lazily, only on this path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdetr_deploy.engines.base import TRT_MAGIC, Engine, InputSpec, read_metadata
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.io import atomic_path
+
+HEADER_FORMAT = "qdetr-trt/1"
+NOT_INSTALLED = ("TensorRT is not installed (pip install 'qdetr-deploy[tensorrt]' on a machine with an "
+                 "NVIDIA GPU)")
+NO_INT4 = ("4-bit TensorRT plugins are not available in this build: use --bits 8 (int8 container graph) "
+           "or --backend torch")
+_LEN = struct.Struct("<I")
+
+
+# --- header: pure functions ------------------------------------------------------------------------------
+
+@dataclass
+class TrtHeader:
+    """The JSON header of a qdetr TensorRT engine file and where its plan starts."""
+
+    trt_version: str
+    gpu_name: str
+    compute_capability: tuple[int, int]
+    metadata: dict
+    created: str
+    build: dict = field(default_factory=dict)
+    plan_offset: int = 0
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def encode_trt_header(header: dict) -> bytes:
+    """Magic + length + JSON: the bytes that precede the plan."""
+    blob = json.dumps(header, sort_keys=True).encode()
+    return TRT_MAGIC + _LEN.pack(len(blob)) + blob
+
+
+def parse_trt_header(data: bytes, path: str | os.PathLike = "<bytes>") -> TrtHeader:
+    """Decode the header at the start of ``data`` (at least the header bytes)."""
+    if data[: len(TRT_MAGIC)] != TRT_MAGIC:
+        raise QDetrError("not a qdetr TensorRT engine (no QDETRTRT header)", path)
+    start = len(TRT_MAGIC) + _LEN.size
+    if len(data) < start:
+        raise QDetrError("truncated TensorRT engine header", path)
+    (n,) = _LEN.unpack_from(data, len(TRT_MAGIC))
+    if len(data) < start + n:
+        raise QDetrError("truncated TensorRT engine header", path)
+    try:
+        h = json.loads(data[start: start + n].decode())
+        cc = h["compute_capability"]
+        return TrtHeader(str(h["trt_version"]), str(h["gpu_name"]), (int(cc[0]), int(cc[1])),
+                         dict(h["metadata"]), str(h.get("created", "")), dict(h.get("build", {})), start + n)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise QDetrError(f"malformed TensorRT engine header ({type(e).__name__}: {e})", path) from None
+
+
+def read_trt_header(path: str | os.PathLike) -> TrtHeader:
+    """Read only the header of an engine file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QDetrError("file not found", path)
+    with open(path, "rb") as f:
+        head = f.read(len(TRT_MAGIC) + _LEN.size)
+        if head[: len(TRT_MAGIC)] != TRT_MAGIC or len(head) < len(TRT_MAGIC) + _LEN.size:
+            return parse_trt_header(head, path)
+        (n,) = _LEN.unpack_from(head, len(TRT_MAGIC))
+        return parse_trt_header(head + f.read(n), path)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = [int(p) if p.isdigit() else 0 for p in str(version).split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_trt_header(header: TrtHeader, trt_version: str, gpu_name: str, cc: tuple[int, int],
+                     path: str | os.PathLike | None = None) -> None:
+    """Fail in one line when the plan was built with another TensorRT (major.minor.patch) or GPU."""
+    same_trt = _version_key(header.trt_version) == _version_key(trt_version)
+    same_gpu = header.gpu_name.strip().lower() == gpu_name.strip().lower() \
+        and tuple(header.compute_capability) == tuple(cc)
+    if same_trt and same_gpu:
+        return
+    here = f"sm_{cc[0]}{cc[1]}"
+    raise QDetrError(f"built with TensorRT {header.trt_version} on {header.gpu_name} ({header.sm}), "
+                     f"this is TensorRT {trt_version} on {gpu_name} ({here}): rebuild the engine", path)
+
+
+# --- runtime imports ----------------------------------------------------------------------------------
+
+def import_tensorrt() -> Any:
+    """``import tensorrt`` or a one-line QDetrError."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise QDetrError(NOT_INSTALLED) from None
+    return trt
+
+
+def _cuda() -> Any:
+    """torch with a usable CUDA device (device buffers), else QDetrError."""
+    try:
+        import torch
+    except ImportError:
+        raise QDetrError("the TensorRT backend needs torch with CUDA for device buffers") from None
+    if not torch.cuda.is_available():
+        raise QDetrError("the TensorRT backend needs an NVIDIA GPU: torch sees no CUDA device")
+    return torch
+
+
+def gpu_identity() -> tuple[str, tuple[int, int]]:
+    """(GPU name, compute capability) of the current CUDA device."""
+    torch = _cuda()
+    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())
+
+
+def int4_plugin_registrar() -> Any:
+    """``kernels.trt_plugins.register_plugins`` for ``--bits 4``, else QDetrError(NO_INT4)."""
+    try:
+        module = importlib.import_module("kernels.trt_plugins")
+    except ModuleNotFoundError as e:
+        if e.name not in ("kernels", "kernels.trt_plugins"):
+            raise QDetrError(f"{NO_INT4} ({e.name} is missing)") from None
+        raise QDetrError(NO_INT4) from None
+    if not callable(getattr(module, "register_plugins", None)):
+        raise QDetrError(NO_INT4)
+    return module.register_plugins
+
+
+def _make_logger(trt: Any) -> Any:
+    class _Logger(trt.ILogger):
+        """Keeps errors so a failed build can say why in one line."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                self.errors.append(" ".join(str(msg).split()))
+
+    return _Logger()
+
+
+# --- build ---------------------------------------------------------------------------------------------
+
+def _parser_errors(parser: Any) -> str:
+    """Every parser error with its node name and operator (TensorRT 10+ API), one line."""
+    msgs = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        name = err.node_name() if hasattr(err, "node_name") else f"#{err.node()}"
+        op = err.node_operator() if hasattr(err, "node_operator") else "?"
+        msgs.append(f"node {name or '?'} ({op}): {err.desc()}")
+    return "; ".join(msgs) or "unknown parser error"
+
+
+def _network(trt: Any, builder: Any, strongly_typed: bool) -> Any:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    weak_api = hasattr(trt.BuilderFlag, "FP16")  # 11.x removed weak typing: strong typing is implicit
+    if strongly_typed and flag is not None and weak_api:
+        return builder.create_network(1 << int(flag))
+    return builder.create_network(0)
+
+
+def _profile(trt: Any, builder: Any, network: Any, batches: tuple[int, int, int]) -> Any | None:
+    inp = network.get_input(0)
+    shape = list(inp.shape)
+    if shape[0] != -1:
+        return None
+    lo, opt, hi = batches
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, [lo, *shape[1:]], [opt, *shape[1:]], [hi, *shape[1:]])
+    return profile
+
+
+def _check_batches(min_batch: int, opt_batch: int | None, max_batch: int | None) -> tuple[int, int, int]:
+    hi = max_batch or max(min_batch, opt_batch or 1, 8)
+    opt = opt_batch or min(max(min_batch, 1), hi)
+    if not 1 <= min_batch <= opt <= hi:
+        raise QDetrError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}/{opt}/{hi}")
+    return min_batch, opt, hi
+
+
+def _load_timing_cache(config: Any, timing_cache: Path | None) -> None:
+    blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+
+def _save_timing_cache(config: Any, timing_cache: Path | None) -> None:
+    if timing_cache is None:
+        return
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+
+
+def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, fp16: bool = True,
+                     int8_container: bool | None = True, timing_cache: str | os.PathLike | None = None,
+                     workspace_gb: float = 4, min_batch: int = 1, opt_batch: int | None = None,
+                     max_batch: int | None = None, bits: int = 8) -> Path:
+    """Build a TensorRT engine from a qdetr ONNX model and write it with the qdetr header.
+    ``int8_container=None``: decided by the metadata (``bits`` other than "fp32" -> Q/DQ container graph)."""
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if bits not in (4, 8):
+        raise QDetrError(f"--bits must be 8 or 4, got {bits}")
+    metadata = read_metadata(onnx_path)
+    if int8_container is None:
+        int8_container = str(metadata.get("bits", "fp32")) != "fp32"
+    register_plugins = int4_plugin_registrar() if bits == 4 else None
+    trt = import_tensorrt()
+    gpu_name, cc = gpu_identity()
+    if register_plugins is not None:
+        register_plugins()
+    batches = _check_batches(min_batch, opt_batch, max_batch)
+    strongly_typed = int8_container or not hasattr(trt.BuilderFlag, "FP16")
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    network = _network(trt, builder, strongly_typed)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise QDetrError(f"TensorRT cannot parse it: {_parser_errors(parser)}", onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    use_fp16 = fp16 and not strongly_typed
+    if use_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = _profile(trt, builder, network, batches)
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    _load_timing_cache(config, cache_path)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        why = "; ".join(logger.errors[-3:]) or "no reason given"
+        raise QDetrError(f"TensorRT failed to build the engine: {why}", onnx_path)
+    _save_timing_cache(config, cache_path)
+    header = {
+        "format": HEADER_FORMAT, "trt_version": trt.__version__, "gpu_name": gpu_name,
+        "compute_capability": list(cc), "metadata": metadata,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build": {"strongly_typed": strongly_typed, "fp16_flag": use_fp16, "bits": bits,
+                  "precision": "follows the ONNX types (strongly typed)" if strongly_typed else "fp32+fp16",
+                  "workspace_gb": workspace_gb, "profile": list(batches) if profile is not None else None,
+                  "source": str(onnx_path)},
+    }
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        f.write(encode_trt_header(header))
+        f.write(memoryview(plan))
+    return out_path
+
+
+# --- run -----------------------------------------------------------------------------------------------
+
+class TrtEngine(Engine):
+    """A deserialized TensorRT plan; device buffers are torch CUDA tensors."""
+
+    backend = "tensorrt"
+
+    def __init__(self, path: Path, header: TrtHeader, engine: Any, trt: Any, torch: Any) -> None:
+        self.path, self.header, self.engine, self.trt, self.torch = path, header, engine, trt, torch
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise QDetrError(f"expected one input 'images', found {len(inputs)}", path)
+        self.input_name = inputs[0]
+        self.output_names = [n for n in names if n != self.input_name]
+        shape = list(engine.get_tensor_shape(self.input_name))
+        self._spec = InputSpec(self.input_name, ["batch" if d < 0 else int(d) for d in shape], "float32")
+        self._max = None if shape[0] >= 0 else int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **_: Any) -> TrtEngine:
+        path = Path(path)
+        header = read_trt_header(path)
+        trt = import_tensorrt()
+        torch = _cuda()
+        gpu_name, cc = gpu_identity()
+        check_trt_header(header, trt.__version__, gpu_name, cc, path)
+        with open(path, "rb") as f:
+            f.seek(header.plan_offset)
+            plan = f.read()
+        runtime = trt.Runtime(_make_logger(trt))
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise QDetrError("TensorRT could not deserialize the plan: rebuild the engine", path)
+        return cls(path, header, engine, trt, torch)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self._spec
+
+    @property
+    def metadata(self) -> dict:
+        return self.header.metadata
+
+    @property
+    def max_batch(self) -> int | None:
+        return self.static_batch or self._max
+
+    @property
+    def device(self) -> str:
+        return "cuda"
+
+    def _torch_dtype(self, name: str) -> Any:
+        return getattr(self.torch, np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).name)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = torch.from_numpy(images).cuda()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        outs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise QDetrError("TensorRT execution failed", self.path)
+        stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}
+
+    def peak_device_memory(self) -> int | None:
+        eng = self.engine
+        size = getattr(eng, "device_memory_size_v2", None) or getattr(eng, "device_memory_size", 0)
+        return int(self.torch.cuda.max_memory_allocated()) + int(size or 0)
