@@ -34,7 +34,10 @@ def check_output_path(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent or ".")
+    except OSError as e:  # read-only file system, no permission (as root, chmod alone does not stop us)
+        raise QDetrError(f"cannot write in {path.parent or '.'}: {e.strerror or e}", path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -19,12 +19,10 @@ import math
 import torch
 from torch import Tensor
 
+from kernels.packing import int_range  # the one integer-range rule, shared with the kernels
 
-def int_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range of a ``bits``-bit code: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1]."""
-    if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+__all__ = ["act_codes", "fake_quant_act", "fake_quant_weight", "grad_scale", "int_range", "lsq_grad_scale",
+           "positive_step", "round_ste", "weight_codes"]
 
 
 class _RoundSTE(torch.autograd.Function):
