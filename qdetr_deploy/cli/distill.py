@@ -1,0 +1,66 @@
+"""``qdetr-deploy distill STUDENT --teacher T``: Q-DETR training of a quantized student (thin wrapper over
+``train.distill.distill``). STUDENT: a quantized checkpoint, a float one, or ``from-teacher``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from qdetr_deploy.cli.train import loop_options, report, train_config
+from qdetr_deploy.quant.config import DA_PLACEMENTS
+from qdetr_deploy.train.fqm import PAPER_LAMBDA, PAPER_TAU
+
+
+@click.command("distill")
+@click.argument("student")
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False),
+              help="Full-precision teacher checkpoint (ours or upstream DETR).")
+@loop_options("runs/distill")
+@click.option("--bits", help="W-A-ATTN bits of a student quantized here [default: 4-4-8].")
+@click.option("--da", type=click.Choice(DA_PLACEMENTS),
+              help="Distribution alignment placement [default: self, as the released code].")
+@click.option("--no-da", is_flag=True, help="No distribution alignment (same as --da none).")
+@click.option("--no-fqm", is_flag=True, help="No FQM/DRD term: train on ground truth only (no teacher run).")
+@click.option("--tau", default=PAPER_TAU, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="FQM threshold: keep queries with GIoU > tau * best GIoU of a ground truth.")
+@click.option("--lambda-drd", default=PAPER_LAMBDA, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the DRD loss.")
+@click.option("--drd-layers", default="last", show_default=True, type=click.Choice(["last", "all"]))
+@click.option("--drd-feature", default="hs", show_default=True, type=click.Choice(["hs", "cross"]),
+              help="hs: decoder layer output read by the heads; cross: cross-attention output (hook).")
+@click.option("--drd-distance", default="l2", show_default=True, type=click.Choice(["l2", "mse"]))
+@click.option("--two-stage", is_flag=True,
+              help="Stage 1 quantizes the backbone only, stage 2 the whole model (budget split by "
+                   "--stage1-fraction).")
+@click.option("--stage1-fraction", default=0.5, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--calib-batches", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Training batches that initialise the steps of a student quantized here.")
+@click.option("--calib-method", default="lsq+", show_default=True,
+              type=click.Choice(["lsq+", "minmax", "percentile"]))
+@click.option("--act-granularity", default="tensor", show_default=True,
+              type=click.Choice(["tensor", "channel"]),
+              help="Activation steps per tensor or per channel/head (students quantized here).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in upstream checkpoints.")
+def distill_cmd(student: str, teacher: str, bits: str | None, da: str | None, no_da: bool, no_fqm: bool,
+                tau: float, lambda_drd: float, drd_layers: str, drd_feature: str, drd_distance: str,
+                two_stage: bool, stage1_fraction: float, calib_batches: int, calib_method: str,
+                act_granularity: str, trust_checkpoint: bool, **options: Any) -> None:
+    """Train quantized STUDENT with L_GT + lambda * L_DRD from a frozen TEACHER (Q-DETR).
+
+    The LSQ+ baseline of the paper's ablation is --no-da --no-fqm; +DA is --no-fqm; +FQM is --no-da.
+    """
+    from qdetr_deploy.train.distill import DistillConfig, distill
+
+    if no_da and da not in (None, "none"):
+        raise click.UsageError(f"--no-da contradicts --da {da}")
+    dcfg = DistillConfig(bits=bits, da="none" if no_da else da, fqm=not no_fqm, tau=tau,
+                         lambda_drd=lambda_drd,
+                         drd_layers=drd_layers, drd_feature=drd_feature, drd_distance=drd_distance,
+                         two_stage=two_stage, stage1_fraction=stage1_fraction, calib_batches=calib_batches,
+                         calib_method=calib_method, act_granularity=act_granularity)
+    report(distill(student, teacher, train_config(options), dcfg, trust=trust_checkpoint))
+
+
+COMMANDS = [distill_cmd]
