@@ -101,8 +101,8 @@ def _expect_error(args: list[str], *needles: str, created: Path | None = None) -
 CKPT_COMMANDS = {
     "inspect": lambda ck, out: ["inspect", ck, "--input-size", "64", "64", "--json"],
     "export": lambda ck, out: ["export", ck, "-o", out / "x.onnx", "--image-size", "64", "64"],
-    "quantize": lambda ck, out: ["quantize", ck, "-o", out / "x.safetensors", "--calib", out / "shapes" / "val",
-                                 "--image-size", "64", "64"],
+    "quantize": lambda ck, out: ["quantize", ck, "-o", out / "x.safetensors", "--calib",
+                                 out / "shapes" / "val", "--image-size", "64", "64"],
     "build-engine": lambda ck, out: ["build-engine", ck, "-o", out / "x.qdtorch", "--backend", "torch",
                                      "--bits", "4"],
 }
@@ -124,8 +124,8 @@ def test_bad_checkpoints(ws: dict[str, Path], command: str, bad: str, needle: st
 
 def test_distill_and_train_with_bad_checkpoints(ws: dict[str, Path]) -> None:
     root = ws["root"]
-    data = ["--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64", "--max-size", "64",
-            "--max-steps", "1", "--no-progress", "--workers", "0"]
+    data = ["--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64",
+            "--max-size", "64", "--max-steps", "1", "--no-progress", "--workers", "0"]
     _expect_error(["distill", ws["student"], "--teacher", root / "truncated.safetensors", *data,
                    "--output-dir", root / "d1"], str(root / "truncated.safetensors"))
     _expect_error(["distill", root / "random.pth", "--teacher", ws["teacher"], *data,
@@ -197,8 +197,8 @@ def test_unwritable_outputs(ws: dict[str, Path]) -> None:
 
 def test_killed_training_leaves_no_half_written_checkpoint_and_resumes(ws: dict[str, Path]) -> None:
     out = ws["root"] / "killed"
-    base = [sys.executable, "-m", "qdetr_deploy", "train", "--arch", "detr_tiny", "--images", ws["train_images"],
-            "--ann", ws["train_ann"], "--image-size", "64", "--max-size", "64", "--batch-size", "4",
+    base = [sys.executable, "-m", "qdetr_deploy", "train", "--arch", "detr_tiny",
+            "--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64", "--max-size", "64", "--batch-size", "4",
             "--eval-every", "0", "--no-progress", "--workers", "0", "--output-dir", out]
     args = [str(a) for a in base + ["--epochs", "40"]]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -182,6 +182,15 @@ def _parser_errors(parser: Any) -> str:
     return "; ".join(msgs) or "unknown parser error"
 
 
+def _parse(parser: Any, onnx_path: Path, plugins: bool) -> bool:
+    """Parse the ONNX file; with the 4-bit plugins, its int4 linears rewritten to qdetr::W4A8Linear first."""
+    if not plugins:
+        return parser.parse_from_file(str(onnx_path))
+    from kernels.trt_plugins import rewrite_file
+
+    return parser.parse(rewrite_file(onnx_path)[0], str(onnx_path))
+
+
 def _network(trt: Any, builder: Any, strongly_typed: bool) -> Any:
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     weak_api = hasattr(trt.BuilderFlag, "FP16")  # 11.x removed weak typing: strong typing is implicit
@@ -245,7 +254,7 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     builder = trt.Builder(logger)
     network = _network(trt, builder, strongly_typed)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not _parse(parser, onnx_path, plugins=register_plugins is not None):
         raise QDetrError(f"TensorRT cannot parse it: {_parser_errors(parser)}", onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -308,6 +317,8 @@ class TrtEngine(Engine):
         with open(path, "rb") as f:
             f.seek(header.plan_offset)
             plan = f.read()
+        if header.build.get("bits") == 4:  # the plan holds qdetr::W4A8Linear plugins
+            int4_plugin_registrar()()
         runtime = trt.Runtime(_make_logger(trt))
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
