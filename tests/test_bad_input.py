@@ -198,7 +198,8 @@ def test_unwritable_outputs(ws: dict[str, Path]) -> None:
 def test_killed_training_leaves_no_half_written_checkpoint_and_resumes(ws: dict[str, Path]) -> None:
     out = ws["root"] / "killed"
     base = [sys.executable, "-m", "qdetr_deploy", "train", "--arch", "detr_tiny",
-            "--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64", "--max-size", "64", "--batch-size", "4",
+            "--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64",
+            "--max-size", "64", "--batch-size", "4",
             "--eval-every", "0", "--no-progress", "--workers", "0", "--output-dir", out]
     args = [str(a) for a in base + ["--epochs", "40"]]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
