@@ -61,22 +61,38 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _register() -> None:
-    """Attach every command module that exists (each module defines ``command``)."""
-    import importlib
-    import pkgutil
+# command name -> module under qdetr_deploy.cli; modules are imported only when their command runs (or for
+# the group's --help), so `bench` of an ONNX Runtime engine never imports torch.
+LAZY_COMMANDS = {
+    "bench": "bench",
+    "build-engine": "build_engine",
+    "demo": "demo",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "export": "export",
+    "inspect": "inspect_cmd",
+    "make-dataset": "make_dataset",
+    "quantize": "quantize",
+    "train": "train",
+}
 
-    import qdetr_deploy.cli as pkg
 
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"qdetr_deploy.cli.{info.name}")
-        for obj in getattr(module, "COMMANDS", ()):
-            cli.add_command(obj)
+def _lazy_list(self: click.Group, ctx: click.Context) -> list[str]:
+    return sorted(set(self.commands) | set(LAZY_COMMANDS))
 
 
-_register()
+def _lazy_get(self: click.Group, ctx: click.Context, name: str) -> click.Command | None:
+    if name not in self.commands and name in LAZY_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"qdetr_deploy.cli.{LAZY_COMMANDS[name]}")
+        for command in getattr(module, "COMMANDS", ()):
+            self.add_command(command)
+    return self.commands.get(name)
+
+
+_Group.list_commands = _lazy_list
+_Group.get_command = _lazy_get
 
 
 def main() -> None:
