@@ -271,3 +271,21 @@ def test_tensorrt_build_and_run(models, tmp_path):
     np.testing.assert_allclose(got["scores"], ref[0], atol=2e-2)
     with pytest.raises(QDetrError, match="larger than the engine allows"):
         engine.run(np.zeros((5, 3, 64, 64), np.float32))
+
+
+def test_cli_bench_of_ort_engine_imports_no_torch(models, tmp_path):
+    """The command line, not only the library: `qdetr-deploy bench` on ONNX Runtime needs no torch."""
+    engine = tmp_path / "m.ortengine"
+    script = textwrap.dedent(f"""
+        import atexit, sys
+        from qdetr_deploy.cli import cli
+        atexit.register(lambda: print("torch" in sys.modules))
+        cli(["build-engine", {str(models['static'])!r}, "-o", {str(engine)!r}])
+        """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip().endswith("False"), res.stdout + res.stderr
+    script = script.replace(f'["build-engine", {str(models["static"])!r}, "-o", {str(engine)!r}]',
+                            f'["bench", {str(engine)!r}, "--iters", "2", "--warmup", "0"]')
+    assert '"bench"' in script
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip().endswith("False"), res.stdout + res.stderr
