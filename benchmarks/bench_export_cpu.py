@@ -1,0 +1,210 @@
+"""CPU benchmark of the ONNX export: export time, ONNX Runtime latency of the int8-container 4-4-8 export
+against the full-precision export of the same model, integer kernels, and parity with PyTorch.
+
+For each model (detr_tiny at 96x96, detr_r18 at 320x320 by default; random weights, seed 0, batch norms
+given random statistics):
+1. quantizes a copy 4-4-8 and calibrates it on two random images;
+2. builds both graphs with the same builder (``build_onnx``): the float model (quant-free graph) and the
+   quantized one with ``weight_container="int8"`` for the onnxruntime target; times each export;
+3. times both in ONNX Runtime (CPU, same session options: ``--threads`` intra-op threads, level "all"),
+   interleaved round-robin after a warm-up, batch 1, and reports the median;
+4. lists which Conv/MatMul became integer kernels (``engines.onnxruntime.integer_kernel_report`` on the
+   graph as onnxruntime optimised it) and checks the quantized export against PyTorch fake-quant on one
+   random image (``export.check.check_onnx``).
+
+Prints a Markdown table. ``--write-docs`` also records it in docs/BENCHMARKS.md, section
+"Export and ONNX Runtime (CPU)" (other sections are kept).
+Usage: ``python benchmarks/bench_export_cpu.py [--iters 30] [--warmup 5] [--threads 2] [--write-docs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qdetr_deploy.bench.latency import interleaved  # noqa: E402
+from qdetr_deploy.engines.onnxruntime import (  # noqa: E402
+    integer_kernel_report,
+    kernel_report_summary,
+    session_options,
+)
+from qdetr_deploy.export.check import check_onnx, random_images  # noqa: E402
+from qdetr_deploy.export.onnx_export import build_onnx, save_onnx  # noqa: E402
+from qdetr_deploy.models import build_detr, get_preset  # noqa: E402
+from qdetr_deploy.quant import QuantConfig, calibrate, quantize  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+SECTION = "## Export and ONNX Runtime (CPU)"
+MODELS = (("detr_tiny", 96), ("detr_r18", 320))
+
+
+def random_detr(preset: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_detr(get_preset(preset)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.3, 1.0)
+                m.bias.normal_(0, 0.05)
+    return model
+
+
+def export_timed(model: torch.nn.Module, size: int, path: Path, **kwargs) -> float:
+    t0 = time.perf_counter()
+    proto, _ = build_onnx(model, (size, size), postprocess=True, **kwargs)
+    save_onnx(proto, path)
+    return time.perf_counter() - t0
+
+
+def kernel_summary(path: Path, tmp: Path, threads: int) -> dict:
+    so = session_options(threads, "extended")
+    so.optimized_model_filepath = str(tmp / f"{path.stem}.opt.onnx")
+    ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return kernel_report_summary(integer_kernel_report(onnx.load(so.optimized_model_filepath)))
+
+
+def bench_model(preset: str, size: int, args: argparse.Namespace, tmp: Path) -> dict:
+    fp = random_detr(preset)
+    q = quantize(copy.deepcopy(fp), QuantConfig.from_bits("4-4-8"))
+    calibrate(q, [torch.from_numpy(random_images(2, (size, size), seed=1))], progress=False)
+    q.eval()
+    fp_path, q_path = tmp / f"{preset}_fp32.onnx", tmp / f"{preset}_w4a4_int8.onnx"
+    t_fp = export_timed(fp, size, fp_path)
+    t_q = export_timed(q, size, q_path, weight_container="int8", target="onnxruntime")
+    images = random_images(1, (size, size), seed=2)
+    sessions = {name: ort.InferenceSession(str(p), sess_options=session_options(args.threads, "all"),
+                                           providers=["CPUExecutionProvider"])
+                for name, p in (("fp32", fp_path), ("int8", q_path))}
+    runners = {name: (lambda _i, s=s: s.run(None, {"images": images})) for name, s in sessions.items()}
+    times = interleaved(runners, args.warmup, args.iters)
+    med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+    kernels = kernel_summary(q_path, tmp, args.threads)
+    report = check_onnx(q_path, q, images, threads=args.threads)
+    return {"model": preset, "size": size, "export_fp_s": t_fp, "export_q_s": t_q,
+            "fp_ms": med["fp32"], "int8_ms": med["int8"], "speedup": med["fp32"] / med["int8"],
+            "fp_mb": fp_path.stat().st_size / 1e6, "q_mb": q_path.stat().st_size / 1e6, "kernels": kernels,
+            "prob_diff": report.max_prob_diff, "box_diff": report.max_box_diff,
+            "codes": report.code_agreement, "passed": report.passed}
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        lines = out.splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores visible"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | input | export fp32 / 4-4-8 (s) | size fp32 / 4-4-8 (MB) | ORT fp32 median (ms) "
+            "| ORT int8-container 4-4-8 median (ms) | speed-up | integer kernels "
+            "| parity (prob / box / codes) |")
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        k = r["kernels"]
+        lines.append(
+            f"| {r['model']} | {r['size']}x{r['size']} | {r['export_fp_s']:.2f} / {r['export_q_s']:.2f} | "
+            f"{r['fp_mb']:.1f} / {r['q_mb']:.1f} | {r['fp_ms']:.2f} | {r['int8_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {k['integer']} of {k['integer'] + k['float']} | "
+            f"{r['prob_diff']:.1e} / {r['box_diff']:.1e} / {100 * r['codes']:.3f}% |")
+    return "\n".join(lines)
+
+
+def kernel_lines(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        k = r["kernels"]
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(k["by_op"].items()))
+        reasons = "; ".join(f"{n}x {reason}" for reason, n in sorted(k["float_reasons"].items()))
+        out.append(f"- {r['model']}: {ops}. Float because: {reasons}.")
+    return "\n".join(out)
+
+
+def write_docs(text: str) -> None:
+    old = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
+    DOCS.write_text(new.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="*", default=[f"{m}:{s}" for m, s in MODELS], help="preset:size ...")
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.models:
+            preset, size = spec.split(":")
+            rows.append(bench_model(preset, int(size), args, Path(tmp)))
+            print(f"{preset}: done", file=sys.stderr)
+    md = table(rows)
+    print(md)
+    print(kernel_lines(rows))
+    if args.write_docs:
+        cmd = "python benchmarks/bench_export_cpu.py " + " ".join(sys.argv[1:])
+        write_docs(section_text(md, kernel_lines(rows), cmd, args))
+
+
+def section_text(md: str, kernels: str, cmd: str, args: argparse.Namespace) -> str:
+    return f"""{SECTION}
+
+Command: `{cmd.strip()}` ({datetime.date.today().isoformat()}; machine: {machine()}; onnxruntime
+{ort.__version__}, torch {torch.__version__}). Random weights (seed 0), 4-4-8 calibrated on two random images,
+batch 1, {args.threads} intra-op threads, graph optimisation level "all", median of {args.iters} interleaved
+iterations after {args.warmup} warm-up rounds. Baseline: the full-precision export of the same model by the
+same builder (quant-free graph), timed in the same run. Parity: the quantized export against PyTorch
+fake-quant on one random image (max |class probability diff|, max |normalised box diff|, share of equal
+activation integer codes).
+
+{md}
+
+Integer kernels (onnxruntime CPU, graph as optimised at level "extended"):
+{kernels}
+
+What the numbers say (the explanation does not change from run to run; the table does):
+- Speed. onnxruntime runs every quantized transformer MatMul (projections, FFN, q k^T, attn v) as
+  MatMulIntegerToFloat, but the convolutions stay float: QLinearConv needs a QuantizeLinear right after the
+  conv and an int32 bias on the x_step * w_step grid, while here the conv output goes through the folded
+  batch-norm bias and ReLU into the next quantizer, so an exact graph keeps it float (and its INT8 weights
+  are dequantized at run time). The backbone dominates at 320x320, so the 1.5x goal is not reached on this
+  CPU; at 96x96 the Q/DQ and Clip nodes cost more than the small int8 GEMMs save. An explicit ConvInteger
+  was 4.5x slower than the float conv in a micro-benchmark (128 channels, 40x40, 3x3), so it is not used.
+- Parity. The integer path is exact by construction (tests: differences <= 2e-7, 100% equal codes), but
+  PyTorch and onnxruntime sum floats in different orders (and MatMulIntegerToFloat sums exactly in int32):
+  a quantizer input a few ulps from a rounding boundary now and then gets the neighbouring code, and in a
+  random-weight network one flipped code cascades (detr_r18 at 320x320: the first flips are 2 of 32768
+  codes at layer2.0.conv2's input, then they multiply through the residual blocks). The 1e-4 / 99.9% bars
+  hold on small inputs only; a trained model is expected to be less chaotic but was not measured.
+"""
+
+
+if __name__ == "__main__":
+    main()

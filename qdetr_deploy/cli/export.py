@@ -1,0 +1,69 @@
+"""``qdetr-deploy export``: checkpoint -> ONNX Q/DQ model + sidecar JSON, with an optional parity check."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command("export")
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.onnx")
+@click.option("--opset", type=int, default=21, show_default=True, help="17..21; INT4 weights need 21.")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="tensorrt: zero-point-0 per-tensor int8 Q/DQ only.")
+@click.option("--image-size", nargs=2, type=click.IntRange(min=32), default=None, metavar="H W",
+              help="Fixed input canvas (default: the checkpoint's calibration size, else 800 800).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch.")
+@click.option("--dynamic-batch", is_flag=True, help="Dynamic batch dimension instead of --batch.")
+@click.option("--postprocess/--no-postprocess", default=True, show_default=True,
+              help="scores/labels/boxes in the graph, or raw pred_logits/pred_boxes.")
+@click.option("--weight-container", type=click.Choice(["int4", "int8"]), default=None,
+              help="int4 (default): INT4 weights for <= 4 bits; int8: every weight (and activation) in "
+                   "8-bit containers, which onnxruntime runs as integer kernels.")
+@click.option("--strict-trt", is_flag=True, help="tensorrt: refuse instead of writing float fake-quant "
+              "fallbacks for quantizers int8 Q/DQ cannot express.")
+@click.option("--check", is_flag=True, help="Compare ONNX Runtime with PyTorch fake-quant after writing.")
+@click.option("--check-images", type=click.Path(), help="Images for --check (default: random ones).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="--check: largest allowed difference of class probabilities and normalised boxes.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
+def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[int, int] | None, batch: int,
+               dynamic_batch: bool, postprocess: bool, weight_container: str | None, strict_trt: bool,
+               check: bool, check_images: str | None, tolerance: float, trust_checkpoint: bool) -> None:
+    """Export CKPT (a quantized or float checkpoint) to an ONNX model for TARGET."""
+    from qdetr_deploy.checkpoints import load_checkpoint
+    from qdetr_deploy.export.calibration import list_images
+    from qdetr_deploy.export.onnx_export import export_onnx
+    from qdetr_deploy.io import check_output_path
+
+    check_output_path(out)
+    files = list_images(check_images, 16) if check and check_images else None
+    loaded = load_checkpoint(ckpt, trust=trust_checkpoint)
+    result = export_onnx(loaded, out, opset=opset, target=target,
+                         image_size=tuple(image_size) if image_size else None, batch=batch,
+                         dynamic_batch=dynamic_batch, postprocess=postprocess,
+                         weight_container=weight_container, strict_trt=strict_trt)
+    modes = ", ".join(f"{n} {m}" for m, n in sorted(result.act_modes.items())) or "no quantizers"
+    click.echo(f"wrote {result.path} and {result.sidecar.name} ({result.metadata['bits']}, target {target}; "
+               f"activation quantizers: {modes})")
+    for name, reason in result.fallbacks:
+        click.echo(f"  float fake-quant fallback {name}: {reason}")
+    if check:
+        _check(result, loaded.model, files, tolerance)
+
+
+def _check(result, model, files, tolerance: float) -> None:
+    from qdetr_deploy.export.calibration import load_images
+    from qdetr_deploy.export.check import check_onnx
+
+    images = load_images(files, tuple(result.metadata["input_size"])) if files else None
+    report = check_onnx(result.path, model, images, tolerance=tolerance)
+    click.echo(report.table())
+    if not report.passed:
+        click.echo("check failed: " + "; ".join(report.failures), err=True)
+        sys.exit(1)
+
+
+COMMANDS = [export_cmd]

@@ -1,0 +1,39 @@
+"""``qdetr-deploy quantize``: full-precision checkpoint -> calibrated low-bit student (thin wrapper)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("quantize")
+@click.argument("teacher", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
+              help="Student checkpoint to write (.safetensors).")
+@click.option("--bits", default="4-4-8", show_default=True, help="W-A-ATTN bits: 2-2-8, 3-3-8, 4-4-8, 8-8-8.")
+@click.option("--calib", "calib", required=True, type=click.Path(),
+              help="Folder of calibration images (searched recursively).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Number of calibration images (first N by file name).")
+@click.option("--method", type=click.Choice(["lsq+", "minmax", "percentile"]), default="lsq+",
+              show_default=True, help="How steps are initialised from the calibration statistics.")
+@click.option("--image-size", nargs=2, type=click.IntRange(min=32), default=(800, 800), show_default=True,
+              metavar="H W", help="Canvas the images are letterboxed onto (use the export size).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--act-granularity", type=click.Choice(["tensor", "channel"]), default="tensor",
+              show_default=True, help="Activation steps per tensor (deployable everywhere) or per channel.")
+@click.option("--da", type=click.Choice(["none", "self", "cross", "both"]), default="self", show_default=True,
+              help="Distribution alignment of decoder queries.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
+def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
+                 image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
+                 trust_checkpoint: bool) -> None:
+    """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
+    from qdetr_deploy.export.calibration import quantize_checkpoint
+
+    path = quantize_checkpoint(teacher, out, bits=bits, calib=calib, calib_size=calib_size, method=method,
+                               image_size=tuple(image_size), batch_size=batch_size,
+                               act_granularity=act_granularity, da=da, trust=trust_checkpoint)
+    click.echo(f"wrote {path} ({bits}, calibrated with {method})")
+
+
+COMMANDS = [quantize_cmd]

@@ -1,0 +1,430 @@
+"""Folding rules: one function per layer kind, each turning one PyTorch module into ONNX nodes.
+
+Conventions (docs/ARCHITECTURE.md "ONNX model"; QDETR_METHOD.md §1):
+
+- Weights of quantized layers become integer initializers (INT4 for <= 4 bits in the "int4" container,
+  INT8 otherwise) and a per-output-channel DequantizeLinear with scale = the learned step, zero point 0.
+  Conv weights keep their [Cout,Cin,kh,kw] layout (axis 0); linear weights are stored transposed, [K,N]
+  (axis 1), so that MatMul reads them without a Transpose between DequantizeLinear and MatMul.
+- A BatchNorm2d / FrozenBatchNorm2d after a conv is folded: into the DQ scale (``step * gamma/sigma``) and
+  a float bias for quantized convs when every ``gamma/sigma > 0``, into the float weights otherwise. This
+  only changes float rounding (ulps), never an integer code by construction.
+- Activation quantizers become QuantizeLinear/DequantizeLinear with the learned step (:func:`act_quant`).
+  With integer z, ``round(x/a) + z - z = round(x/a)``: the codes of any Q dtype that holds the shifted
+  range [Qn+s, Qp+s] (zero point z+s) dequantize to the same values, so a quantizer may use a wider dtype
+  (a Clip to [a(Qn-z), a(Qp-z)] first restores the narrow range). Where no dtype fits (TensorRT: zero
+  point 0 and per-tensor only) the exact float fake-quant subgraph Div, Round, Add, Clip, Sub, Mul is
+  written instead and the layer is reported.
+- Linear biases are [1,N] initializers: a 1-D bias lets onnxruntime fuse MatMul+Add into a float Gemm
+  before its Q/DQ fusion, which would keep the layer out of MatMulIntegerToFloat.
+- DA, LayerNorm, softmax, residual adds and the heads stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from qdetr_deploy.export.graph import DTYPE_NAMES, INT_DTYPES, ActRecord, GraphBuilder
+from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.models.backbone import FrozenBatchNorm2d
+from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
+from qdetr_deploy.quant.quantizers import ActQuantizer
+
+TARGETS = ("onnxruntime", "tensorrt")
+CONTAINERS = ("int4", "int8")
+T = TensorProto
+
+
+@dataclass
+class Ctx:
+    """What every rule needs: the graph, the target runtime and the weight/activation container."""
+
+    g: GraphBuilder
+    target: str = "onnxruntime"
+    container: str = "int4"
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().to(torch.float32).numpy()
+
+
+def _bshape(axis: int | None, rank: int, n: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of a rank-``rank`` tensor."""
+    if axis is None:
+        return ()
+    if axis < 0:
+        return (n,) + (1,) * (-axis - 1)
+    return (1,) * axis + (n,) + (1,) * (rank - axis - 1)
+
+
+# --- activation quantizer ----------------------------------------------------------------------------------
+
+def plan_act(qn: int, qp: int, z: np.ndarray, bits: int, signed: bool, per_channel: bool, target: str,
+             container: str) -> tuple[int, np.ndarray, bool] | str:
+    """Choose the Q dtype for codes [qn, qp] with zero points ``z``: (dtype, shift s, needs Clip), or the
+    reason (a string) why no Q/DQ reproduces the quantizer exactly."""
+    if target == "tensorrt":
+        if per_channel:
+            return "per-channel/per-head activation steps (TensorRT takes per-tensor activation scales)"
+        shift = -z
+        if qn + shift.min() >= -128 and qp + shift.max() <= 127:
+            return T.INT8, shift, bool(qn + shift.min() != -128 or qp + shift.max() != 127)
+        return (f"{'signed' if signed else 'unsigned'} {bits}-bit codes shifted by z={int(z.flat[0])} span "
+                f"[{qn - int(z.flat[0])}, {qp - int(z.flat[0])}], outside int8 with zero point 0")
+    order = [T.INT8, T.UINT8] if signed else [T.UINT8, T.INT8]
+    if bits <= 4 and container == "int4":
+        order = ([T.INT4, T.UINT4] if signed else [T.UINT4, T.INT4]) + order
+    for dtype in order:
+        lo, hi = INT_DTYPES[dtype]
+        s_lo, s_hi = np.maximum(lo - qn, lo - z), np.minimum(hi - qp, hi - z)
+        clip = bool(qn + s_lo.min() != lo or qp + s_lo.max() != hi)
+        # 4-bit Q only where it needs no Clip: onnxruntime's Clip->Q fusion fails on INT4/UINT4 zero points
+        if (s_lo <= s_hi).all() and not (clip and dtype in (T.INT4, T.UINT4)):
+            return dtype, s_lo, clip
+    return f"zero point {int(z.flat[0])} fits no 8-bit Q dtype for codes [{qn}, {qp}]"
+
+
+ORT_PER_CHANNEL_MATMUL = ("per-channel/per-head activation Q/DQ before a MatMul: onnxruntime fuses it into "
+                          "MatMulIntegerToFloat, whose kernel rejects per-channel zero points")
+
+
+def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int | None = None, rank: int = 3,
+              layout: str = "same", feeds: str = "MatMul") -> str:
+    """The activation quantizer ``act`` (module ``name``) on tensor ``x``: returns the dequantized tensor.
+
+    ``axis``: the graph axis that carries its channels/heads when per-channel (PyTorch's channel dim in the
+    graph's layout); ``layout``: how the graph tensor relates to PyTorch's ("kT": last two dims swapped);
+    ``feeds``: the op that reads the result ("MatMul" or "Conv").
+    """
+    if act is None:
+        return x
+    if not act.initialised:
+        from qdetr_deploy.errors import QDetrError
+
+        raise QDetrError(f"activation quantizer {name} was never calibrated (run qdetr-deploy quantize)")
+    p = act.qparams()
+    step, z = _np(p.step).reshape(-1), _np(p.zero_point).reshape(-1).astype(np.int64)
+    per_ch = p.channel_dim is not None
+    if per_ch and axis is None:
+        raise ValueError(f"{name}: per-channel quantizer without a graph axis")
+    axis = axis if per_ch else None
+    plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, per_ch, ctx.target, ctx.container)
+    if per_ch and feeds == "MatMul" and ctx.target == "onnxruntime":
+        plan = ORT_PER_CHANNEL_MATMUL
+    g, shape = ctx.g, _bshape(axis, rank, step.size)
+    if isinstance(plan, str):
+        ctx.fallbacks.append((name, plan))
+        return _fake_quant(ctx, x, step.reshape(shape), z.reshape(shape), p.qmin, p.qmax, name, axis, plan,
+                           layout)
+    dtype, shift, clip = plan
+    if clip:
+        lo = (step * (p.qmin - z).astype(np.float32)).astype(np.float32)
+        hi = (step * (p.qmax - z).astype(np.float32)).astype(np.float32)
+        if per_ch:  # Clip takes scalars only
+            x = g.node("Max", [x, g.const(f"{name}.clip_min", lo.reshape(shape))], f"{name}/Max")
+            x = g.node("Min", [x, g.const(f"{name}.clip_max", hi.reshape(shape))], f"{name}/Min")
+        else:
+            x = g.node("Clip", [x, g.const(f"{name}.clip_min", lo[0]), g.const(f"{name}.clip_max", hi[0])],
+                       f"{name}/Clip")
+    s = g.const(f"{name}.scale", step if per_ch else step[0])
+    zp = g.const_int(f"{name}.zero_point", (z + shift) if per_ch else (z + shift)[0], dtype)
+    attrs = {"axis": axis} if per_ch else {}
+    q = g.node("QuantizeLinear", [x, s, zp], f"{name}/QuantizeLinear", **attrs)
+    out = g.node("DequantizeLinear", [q, s, zp], f"{name}/DequantizeLinear", **attrs)
+    g.acts.append(ActRecord(name, q, shift, axis, "clip+qdq" if clip else "qdq", DTYPE_NAMES[dtype], layout))
+    return out
+
+
+def _fake_quant(ctx: Ctx, x: str, step: np.ndarray, z: np.ndarray, qn: int, qp: int, name: str,
+                axis: int | None, reason: str, layout: str) -> str:
+    """Exact float fake quantization: ``(clip(round(x / a) + z, qn, qp) - z) * a`` (lsq.fake_quant_act)."""
+    g = ctx.g
+    a, zf = g.const(f"{name}.step", step), g.const(f"{name}.zero_point_f", z.astype(np.float32))
+    r = g.node("Round", [g.node("Div", [x, a], f"{name}/Div")], f"{name}/Round")
+    codes = g.node("Clip", [g.node("Add", [r, zf], f"{name}/Add"), g.const(f"{name}.qmin", float(qn)),
+                            g.const(f"{name}.qmax", float(qp))], f"{name}/Clip")
+    out = g.node("Mul", [g.node("Sub", [codes, zf], f"{name}/Sub"), a], f"{name}/Mul")
+    g.acts.append(ActRecord(name, codes, np.zeros(1, np.int64), axis, "float", "FLOAT", layout, reason))
+    return out
+
+
+# --- weights, conv + norm, linear, layer norm --------------------------------------------------------------
+
+def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: str, axis: int) -> str:
+    """Integer weight initializer + per-output-channel DequantizeLinear (zero point 0)."""
+    g = ctx.g
+    dtype = T.INT4 if bits <= 4 and ctx.container == "int4" else T.INT8
+    w = g.const_int(f"{name}.weight_quantized", np.rint(codes).astype(np.int64), dtype)
+    s = g.const(f"{name}.weight_scale", step.astype(np.float32))
+    zp = g.const_int(f"{name}.weight_zero_point", np.zeros(step.size, np.int64), dtype)
+    return g.node("DequantizeLinear", [w, s, zp], f"{name}/weight/DequantizeLinear", axis=axis)
+
+
+def norm_affine(norm: nn.Module | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) per channel of an eval-mode BatchNorm2d / FrozenBatchNorm2d."""
+    if norm is None:
+        return None
+    if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+        raise TypeError(f"cannot fold {type(norm).__name__}")
+    eps = getattr(norm, "eps", 1e-5)
+    w = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    b = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+    scale = w.detach() * (norm.running_var + eps).rsqrt()
+    return _np(scale), _np(b.detach() - norm.running_mean * scale)
+
+
+def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: str) -> str:
+    """Conv2d (quantized or float) with the following batch norm folded in; returns the conv output."""
+    g, affine = ctx.g, norm_affine(norm)
+    bias = _np(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
+    quant = isinstance(conv, QuantConv2d)
+    if quant:
+        x = act_quant(ctx, x, conv.act, f"{name}.act", axis=1, rank=4, feeds="Conv")
+        codes, step, bits = conv.weight_qparams()
+        step = _np(step)
+        if affine is not None and (affine[0] > 0).all():
+            step, bias, affine = step * affine[0], bias * affine[0] + affine[1], None
+        w = weight_dq(ctx, _np(codes), step, bits, name, axis=0)
+    else:
+        weight = _np(conv.weight)
+        if affine is not None:
+            weight, bias, affine = weight * affine[0][:, None, None, None], bias * affine[0] + affine[1], None
+        w = g.const(f"{name}.weight", weight)
+    pads = list(conv.padding) * 2
+    inputs = [x, w] if quant else [x, w, g.const(f"{name}.bias", bias)]
+    y = g.node("Conv", inputs, f"{name}/Conv", kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
+               pads=pads, dilations=list(conv.dilation), group=conv.groups)
+    if quant:  # a separate Add: onnxruntime would round a Conv's float bias onto the int32 grid x_step*w_step
+        y = g.node("Add", [y, g.const(f"{name}.bias", bias.reshape(1, -1, 1, 1))], f"{name}/Add")
+    if affine is not None:  # a quantized conv whose norm has a non-positive scale: keep it as Mul + Add
+        scale = g.const(f"{name}.norm_scale", affine[0].reshape(1, -1, 1, 1))
+        shift = g.const(f"{name}.norm_shift", affine[1].reshape(1, -1, 1, 1))
+        y = g.node("Add", [g.node("Mul", [y, scale], f"{name}/norm/Mul"), shift], f"{name}/norm/Add")
+    return y
+
+
+def linear(ctx: Ctx, x: str, lin: nn.Linear, name: str) -> str:
+    """Linear (quantized or float) on [..., K] as MatMul with a [K,N] weight, then Add of a [1,N] bias."""
+    g = ctx.g
+    if isinstance(lin, QuantLinear):
+        x = act_quant(ctx, x, lin.act, f"{name}.act", axis=-1)
+        codes, step, bits = lin.weight_qparams()
+        w = weight_dq(ctx, _np(codes).T, _np(step), bits, name, axis=1)
+    else:
+        w = g.const(f"{name}.weight", _np(lin.weight).T)
+    return _matmul_bias(ctx, x, w, lin.bias, name)
+
+
+def _matmul_bias(ctx: Ctx, x: str, w: str, bias: torch.Tensor | None, name: str) -> str:
+    y = ctx.g.node("MatMul", [x, w], f"{name}/MatMul")
+    if bias is None:
+        return y
+    return ctx.g.node("Add", [y, ctx.g.const(f"{name}.bias", _np(bias).reshape(1, -1))], f"{name}/Add")
+
+
+def layer_norm(ctx: Ctx, x: str, ln: nn.LayerNorm, name: str) -> str:
+    """LayerNorm over the last axis, float (nothing quantized around it)."""
+    g = ctx.g
+    return g.node("LayerNormalization", [x, g.const(f"{name}.weight", _np(ln.weight)),
+                                         g.const(f"{name}.bias", _np(ln.bias))],
+                  f"{name}/LayerNormalization", axis=-1, epsilon=float(ln.eps))
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+def _in_proj(ctx: Ctx, x: str, mha: MultiheadAttention, part: int, act: ActQuantizer | None, name: str,
+             suffix: str) -> str:
+    """One third (q, k or v) of the packed in_proj: its input quantizer, MatMul and bias."""
+    e, sl = mha.embed_dim, slice(part * mha.embed_dim, (part + 1) * mha.embed_dim)
+    bias = mha.in_proj_bias[sl]
+    if isinstance(mha, QuantMultiheadAttention):
+        x = act_quant(ctx, x, act, f"{name}.{suffix}_act", axis=-1)
+        codes, step, bits = mha.weight_qparams()
+        w = weight_dq(ctx, _np(codes[sl]).reshape(e, e).T, _np(step[sl]), bits, f"{name}.{suffix}_proj", 1)
+    else:
+        w = ctx.g.const(f"{name}.{suffix}_proj.weight", _np(mha.in_proj_weight[sl]).T)
+    return _matmul_bias(ctx, x, w, bias, f"{name}.{suffix}_proj")
+
+
+def distribution_alignment(ctx: Ctx, q: str, da: nn.Module, name: str) -> str:
+    """DA (quant/align.py), float: scale * (q - mean) / sqrt(unbiased var + eps) + bias over the last axis."""
+    g, d = ctx.g, da.scale.shape[-1]
+    centred = g.node("Sub", [q, reduce(ctx, "ReduceMean", q, [-1], f"{name}/ReduceMean")], f"{name}/Sub")
+    sq = g.node("Mul", [centred, centred], f"{name}/Square")
+    var = g.node("Div", [reduce(ctx, "ReduceSum", sq, [-1], f"{name}/ReduceSum"),
+                         g.const(f"{name}.dof", float(d - 1))], f"{name}/Var")
+    std = g.node("Sqrt", [g.node("Add", [var, g.const(f"{name}.eps", float(da.eps))], f"{name}/AddEps")],
+                 f"{name}/Sqrt")
+    normed = g.node("Div", [centred, std], f"{name}/Div")
+    scaled = g.node("Mul", [g.const(f"{name}.scale", _np(da.scale)), normed], f"{name}/Mul")
+    return g.node("Add", [scaled, g.const(f"{name}.bias", _np(da.bias))], f"{name}/Add")
+
+
+def reduce(ctx: Ctx, op: str, x: str, axes: list[int], name: str, keepdims: int = 1) -> str:
+    """Reduce* with axes as an input (opset 18+, ReduceSum 13+) or an attribute (older opsets)."""
+    if ctx.g.opset >= 18 or (op == "ReduceSum" and ctx.g.opset >= 13):
+        return ctx.g.node(op, [x, ctx.g.axes(f"{name}.axes", axes)], name, keepdims=keepdims)
+    return ctx.g.node(op, [x], name, axes=axes, keepdims=keepdims)
+
+
+def attention(ctx: Ctx, query: str, key: str, value: str, mha: MultiheadAttention, name: str) -> str:
+    """Multi-head attention, sequence-first [L,B,E]: project, DA(q) -> Q8(q), Q8(k^T), scores * scaling,
+    softmax, Q8(attn), @ Q8(v), merge heads, out_proj. k is quantized already transposed ([B,h,d,L]), so
+    its DequantizeLinear feeds the MatMul directly."""
+    g, h, d = ctx.g, mha.num_heads, mha.head_dim
+    quant = isinstance(mha, QuantMultiheadAttention)
+    qa = (lambda n: getattr(mha, n)) if quant else (lambda n: None)
+    heads = g.const(f"{name}.heads_shape", np.array([0, 0, h, d], np.int64), np.int64)
+
+    def split(x: str, perm: list[int], tag: str) -> str:
+        x = g.node("Reshape", [x, heads], f"{name}/{tag}/Reshape")
+        return g.node("Transpose", [x], f"{name}/{tag}/Transpose", perm=perm)
+
+    q = split(_in_proj(ctx, query, mha, 0, qa("query_act"), name, "query"), [1, 2, 0, 3], "q")
+    kt = split(_in_proj(ctx, key, mha, 1, qa("key_act"), name, "key"), [1, 2, 3, 0], "kT")
+    v = split(_in_proj(ctx, value, mha, 2, qa("value_act"), name, "value"), [1, 2, 0, 3], "v")
+    if quant and mha.norm_q is not None:
+        q = distribution_alignment(ctx, q, mha.norm_q, f"{name}.norm_q")
+    q = act_quant(ctx, q, qa("q_act"), f"{name}.q_act", axis=1, rank=4)
+    kt = act_quant(ctx, kt, qa("k_act"), f"{name}.k_act", axis=1, rank=4, layout="kT")
+    scores = g.node("MatMul", [q, kt], f"{name}/scores/MatMul")
+    scores = g.node("Mul", [scores, g.const(f"{name}.scaling", np.float32(mha.scaling))], f"{name}/scaling")
+    attn = g.node("Softmax", [scores], f"{name}/Softmax", axis=-1)
+    attn = act_quant(ctx, attn, qa("attn_act"), f"{name}.attn_act", axis=1, rank=4)
+    v = act_quant(ctx, v, qa("v_act"), f"{name}.v_act", axis=1, rank=4)
+    out = g.node("MatMul", [attn, v], f"{name}/context/MatMul")
+    out = g.node("Transpose", [out], f"{name}/merge/Transpose", perm=[2, 0, 1, 3])
+    merge = g.const(f"{name}.merge_shape", np.array([0, 0, h * d], np.int64), np.int64)
+    out = g.node("Reshape", [out, merge], f"{name}/merge/Reshape")
+    return linear(ctx, out, mha.out_proj, f"{name}.out_proj")
+
+
+# --- backbone ----------------------------------------------------------------------------------------------
+
+def tiny_block(ctx: Ctx, x: str, block: nn.Sequential, name: str) -> str:
+    """TinyBackbone layerN: Conv2d -> BatchNorm2d -> ReLU."""
+    y = conv_norm(ctx, x, block[0], block[1], f"{name}.0")
+    return ctx.g.node("Relu", [y], f"{name}.2/Relu")
+
+
+def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
+    """torchvision BasicBlock / Bottleneck: convs with their norms, the (float) downsample, add, ReLU."""
+    g = ctx.g
+    convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
+    y = x
+    for i, c in enumerate(convs):
+        y = conv_norm(ctx, y, getattr(block, c), getattr(block, f"bn{c[-1]}"), f"{name}.{c}")
+        if i < len(convs) - 1:
+            y = g.node("Relu", [y], f"{name}.relu{i + 1}/Relu")
+    identity = x
+    if block.downsample is not None:
+        identity = conv_norm(ctx, x, block.downsample[0], block.downsample[1], f"{name}.downsample.0")
+    return g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
+
+
+def backbone(ctx: Ctx, images: str, body: nn.Module, name: str) -> str:
+    """The backbone body up to its returned layer (ResNet or the tiny demo net) -> features [B,C,h,w]."""
+    g = ctx.g
+    x = conv_norm(ctx, images, body.conv1, body.bn1, f"{name}.conv1")
+    x = g.node("Relu", [x], f"{name}.relu/Relu")
+    if hasattr(body, "maxpool"):
+        mp = body.maxpool
+        x = g.node("MaxPool", [x], f"{name}.maxpool/MaxPool", kernel_shape=[mp.kernel_size] * 2,
+                   strides=[mp.stride] * 2, pads=[mp.padding] * 4)
+    for layer_name, layer in body.named_children():
+        if not layer_name.startswith("layer"):
+            continue
+        if isinstance(layer[0], nn.Conv2d):
+            x = tiny_block(ctx, x, layer, f"{name}.{layer_name}")
+        else:
+            for i, block in enumerate(layer):
+                x = resnet_block(ctx, x, block, f"{name}.{layer_name}.{i}")
+    return x
+
+
+def feature_size(body: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size of the backbone output for an input (H, W): the main-path convs and pools in order."""
+    h, w = size
+    for name, m in body.named_modules():
+        if "downsample" in name or not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            continue
+        k, s, p, dil = (m.kernel_size, m.stride, m.padding, m.dilation)
+        k, s, p, dil = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p, dil))
+        h = (h + 2 * p[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
+        w = (w + 2 * p[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
+    return h, w
+
+
+# --- transformer -------------------------------------------------------------------------------------------
+
+def ffn(ctx: Ctx, x: str, layer: nn.Module, name: str) -> str:
+    """linear1 -> ReLU -> linear2 (dropout is identity at inference)."""
+    y = linear(ctx, x, layer.linear1, f"{name}.linear1")
+    y = ctx.g.node("Relu", [y], f"{name}.activation/Relu")
+    return linear(ctx, y, layer.linear2, f"{name}.linear2")
+
+
+def encoder_layer(ctx: Ctx, src: str, pos: str, layer: nn.Module, name: str) -> str:
+    """Post-norm encoder layer: self-attention on src + pos, add & norm, FFN, add & norm."""
+    g = ctx.g
+    q = g.node("Add", [src, pos], f"{name}/with_pos_embed")
+    src2 = attention(ctx, q, q, src, layer.self_attn, f"{name}.self_attn")
+    src = layer_norm(ctx, g.node("Add", [src, src2], f"{name}/residual1"), layer.norm1, f"{name}.norm1")
+    src2 = ffn(ctx, src, layer, name)
+    return layer_norm(ctx, g.node("Add", [src, src2], f"{name}/residual2"), layer.norm2, f"{name}.norm2")
+
+
+def decoder_layer(ctx: Ctx, tgt: str, memory: str, pos: str, query_pos: str, layer: nn.Module,
+                  name: str) -> str:
+    """Post-norm decoder layer: self-attention, cross-attention on memory + pos, FFN; add & norm after
+    each."""
+    g = ctx.g
+    q = g.node("Add", [tgt, query_pos], f"{name}/with_query_pos")
+    tgt2 = attention(ctx, q, q, tgt, layer.self_attn, f"{name}.self_attn")
+    tgt = layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual1"), layer.norm1, f"{name}.norm1")
+    q = g.node("Add", [tgt, query_pos], f"{name}/cross_query_pos")
+    k = g.node("Add", [memory, pos], f"{name}/cross_key_pos")
+    tgt2 = attention(ctx, q, k, memory, layer.multihead_attn, f"{name}.multihead_attn")
+    tgt = layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual2"), layer.norm2, f"{name}.norm2")
+    tgt2 = ffn(ctx, tgt, layer, name)
+    return layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual3"), layer.norm3, f"{name}.norm3")
+
+
+# --- heads and post-processing -----------------------------------------------------------------------------
+
+def heads(ctx: Ctx, hs: str, class_embed: nn.Linear, bbox_embed: nn.Module) -> tuple[str, str]:
+    """Float heads on hs [B,Q,D]: class logits [B,Q,C+1] and sigmoid boxes [B,Q,4] (cx,cy,w,h)."""
+    logits = linear(ctx, hs, class_embed, "class_embed")
+    x = hs
+    for i, lin in enumerate(bbox_embed.layers):
+        x = linear(ctx, x, lin, f"bbox_embed.layers.{i}")
+        if i < bbox_embed.num_layers - 1:
+            x = ctx.g.node("Relu", [x], f"bbox_embed.layers.{i}/Relu")
+    return logits, ctx.g.node("Sigmoid", [x], "bbox_embed/Sigmoid")
+
+
+def postprocess(ctx: Ctx, logits: str, boxes: str, size: tuple[int, int]) -> tuple[str, str, str]:
+    """models/postprocess.py in the graph: softmax, drop no-object, max/argmax over classes, cxcywh ->
+    xyxy in pixels of the (H, W) canvas. Returns scores [B,Q], labels [B,Q] int64, boxes [B,Q,4]."""
+    g, name = ctx.g, "postprocess"
+    i64 = np.int64
+    prob = g.node("Softmax", [logits], f"{name}/Softmax", axis=-1)
+    prob = g.node("Slice", [prob, g.const(f"{name}.start", [0], i64), g.const(f"{name}.end", [-1], i64),
+                            g.const(f"{name}.axis", [-1], i64)], f"{name}/drop_no_object")
+    scores = reduce(ctx, "ReduceMax", prob, [-1], f"{name}/ReduceMax", keepdims=0)
+    labels = g.node("ArgMax", [prob], f"{name}/ArgMax", axis=-1, keepdims=0)
+    split = g.const(f"{name}.split", [2, 2], i64)
+    cxcy, wh = g.node("Split", [boxes, split], f"{name}/Split", n_out=2, axis=-1)
+    half = g.node("Mul", [wh, g.const(f"{name}.half", np.float32(0.5))], f"{name}/half_wh")
+    lo = g.node("Sub", [cxcy, half], f"{name}/xy0")
+    hi = g.node("Add", [cxcy, half], f"{name}/xy1")
+    xyxy = g.node("Concat", [lo, hi], f"{name}/Concat", axis=-1)
+    h, w = size
+    scale = g.const(f"{name}.canvas_scale", np.array([w, h, w, h], np.float32))
+    return scores, labels, g.node("Mul", [xyxy, scale], f"{name}/to_pixels")

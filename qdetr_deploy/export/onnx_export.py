@@ -1,0 +1,223 @@
+"""``export_onnx``: a (quantized) DETR checkpoint -> one ONNX Q/DQ graph built by hand, plus its sidecar JSON.
+
+The graph follows the model's known structure (folding.py has one rule per layer kind); with no mask input
+the sine position embedding and the query embedding are constants for the fixed (H, W), computed in torch
+and stored as initializers. The decoder starts from a zero target of shape [Q,1,D], broadcast against the
+batch like the constants. Only the last decoder layer's output feeds the heads (no auxiliary outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, external_data_helper, helper
+from torch import nn
+
+from qdetr_deploy.checkpoints import Checkpoint, file_sha256, load_checkpoint
+from qdetr_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.export import folding
+from qdetr_deploy.export.folding import CONTAINERS, TARGETS, Ctx
+from qdetr_deploy.export.graph import GraphBuilder
+from qdetr_deploy.io import atomic_path, check_output_path, write_json
+from qdetr_deploy.quant.api import is_quantized
+
+FORMAT = "qdetr-onnx/1"
+METADATA_KEY = "qdetr"
+QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes live (used by the check)
+MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
+DEFAULT_IMAGE_SIZE = (800, 800)
+EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit, with a margin
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote and decided."""
+
+    path: Path
+    sidecar: Path
+    metadata: dict[str, Any]
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)
+    act_modes: dict[str, int] = field(default_factory=dict)
+
+
+def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int = 21, target: str = "onnxruntime",
+               batch: int | None = 1, postprocess: bool = True, weight_container: str | None = None,
+               strict_trt: bool = False) -> tuple[onnx.ModelProto, Ctx]:
+    """Build the ONNX graph of ``model`` (float or quantized DETR, eval semantics) for a fixed (H, W) canvas.
+
+    ``batch=None`` makes the batch dimension dynamic. Returns the model (no metadata yet) and the build
+    context (activation records, fallbacks).
+    """
+    container = _check_options(model, opset, target, weight_container)
+    ctx = Ctx(GraphBuilder(opset), target, container)
+    g, (H, W) = ctx.g, (int(image_size[0]), int(image_size[1]))
+    with torch.no_grad():
+        feats = folding.backbone(ctx, "images", model.backbone[0].body, "backbone.0.body")
+        src = folding.conv_norm(ctx, feats, model.input_proj, None, "input_proj")
+        pos, query_pos, tgt = _constants(ctx, model, (H, W))
+        i64 = np.int64
+        src = g.node("Reshape", [src, g.const("transformer.flatten_shape", [0, 0, -1], i64)],
+                     "transformer/flatten")
+        memory = g.node("Transpose", [src], "transformer/to_sequence", perm=[2, 0, 1])  # [hw,B,D]
+        tr = model.transformer
+        for i, layer in enumerate(tr.encoder.layers):
+            memory = folding.encoder_layer(ctx, memory, pos, layer, f"transformer.encoder.layers.{i}")
+        for i, layer in enumerate(tr.decoder.layers):
+            name = f"transformer.decoder.layers.{i}"
+            tgt = folding.decoder_layer(ctx, tgt, memory, pos, query_pos, layer, name)
+        hs = folding.layer_norm(ctx, tgt, tr.decoder.norm, "transformer.decoder.norm")
+        hs = g.node("Transpose", [hs], "transformer/to_batch_first", perm=[1, 0, 2])  # [B,Q,D]
+        logits, boxes = folding.heads(ctx, hs, model.class_embed, model.bbox_embed)
+    if strict_trt and target == "tensorrt" and ctx.fallbacks:
+        raise QDetrError(_strict_message(ctx.fallbacks))
+    b = batch if batch else "batch"
+    q, c = model.num_queries, model.class_embed.out_features
+    if postprocess:
+        scores, labels, xyxy = folding.postprocess(ctx, logits, boxes, (H, W))
+        outs = [("scores", scores, TensorProto.FLOAT, [b, q]), ("labels", labels, TensorProto.INT64, [b, q]),
+                ("boxes", xyxy, TensorProto.FLOAT, [b, q, 4])]
+    else:
+        outs = [("pred_logits", logits, TensorProto.FLOAT, [b, q, c]),
+                ("pred_boxes", boxes, TensorProto.FLOAT, [b, q, 4])]
+    for name, tensor, _, _ in outs:
+        g.rename_output(tensor, name)
+    internal = {"pred_logits": logits, "pred_boxes": boxes} if postprocess else {}
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [b, 3, H, W])]
+    outputs = [helper.make_tensor_value_info(n, t, s) for n, _, t, s in outs]
+    onnx_model = g.model(inputs, outputs)
+    _set_props(onnx_model, {QUANTIZERS_KEY: json.dumps(_records_json(ctx, internal))})
+    return onnx_model, ctx
+
+
+def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.PathLike, *, opset: int = 21,
+                target: str = "onnxruntime", image_size: tuple[int, int] | None = None, batch: int = 1,
+                dynamic_batch: bool = False, postprocess: bool = True, weight_container: str | None = None,
+                strict_trt: bool = False, trust: bool = False) -> ExportResult:
+    """Export a checkpoint (path or loaded :class:`Checkpoint`) to ``output`` (.onnx) and its sidecar
+    ``output.json``; both written atomically, nothing written on error."""
+    output = check_output_path(output)
+    if batch < 1:
+        raise QDetrError(f"--batch must be >= 1, got {batch}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, trust=trust)
+    model = ckpt.model.eval()
+    _check_options(model, opset, target, weight_container)
+    size = tuple(image_size) if image_size else _default_size(ckpt)
+    onnx_model, ctx = build_onnx(model, size, opset=opset, target=target,
+                                 batch=None if dynamic_batch else batch, postprocess=postprocess,
+                                 weight_container=weight_container, strict_trt=strict_trt)
+    metadata = export_metadata(ckpt, size, target=target, postprocess=postprocess,
+                               batch=None if dynamic_batch else batch)
+    _set_props(onnx_model, {METADATA_KEY: json.dumps(metadata)})
+    save_onnx(onnx_model, output)
+    sidecar = write_json(output.with_name(output.name + ".json"), metadata)
+    modes: dict[str, int] = {}
+    for r in ctx.g.acts:
+        modes[r.mode] = modes.get(r.mode, 0) + 1
+    return ExportResult(output, sidecar, metadata, list(ctx.fallbacks), modes)
+
+
+def export_metadata(ckpt: Checkpoint, size: tuple[int, int], *, target: str, postprocess: bool,
+                    batch: int | None) -> dict[str, Any]:
+    """The ``qdetr`` metadata of docs/ARCHITECTURE.md "ONNX model"."""
+    cfg, qcfg = ckpt.detr_config, ckpt.quant_config if is_quantized(ckpt.model) else None
+    names = list(cfg.class_names) if cfg.class_names else [f"class_{i}" for i in range(cfg.num_classes)]
+    return {
+        "format": FORMAT, "input_size": [int(size[0]), int(size[1])], "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD), "class_names": names,
+        "category_ids": list(ckpt.category_ids) if ckpt.category_ids is not None else None,
+        "num_classes": cfg.num_classes, "postprocess": bool(postprocess), "dynamic_batch": batch is None,
+        "batch": batch, "bits": qcfg.bits if qcfg else "fp32",
+        "quant_config": qcfg.to_dict() if qcfg else None,
+        "target": target, "source": {"path": str(ckpt.path), "sha256": file_sha256(ckpt.path)},
+    }
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically; models over 2 GB keep their initializers in ``<name>.data`` beside the file."""
+    path = Path(path)
+    weights = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    if weights < EXTERNAL_DATA_BYTES:
+        with atomic_path(path) as tmp:
+            onnx.save_model(model, str(tmp))
+        return path
+    data = path.with_name(path.name + ".data")
+    with atomic_path(data) as tmp_data:
+        external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                                            location=tmp_data.name, size_threshold=1024)
+        external_data_helper.write_external_data_tensors(model, str(path.parent))
+        for tensor in model.graph.initializer:  # the builder puts every tensor in the initializers
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        with atomic_path(path) as tmp:
+            onnx.save_model(model, str(tmp))
+    return path
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+def _check_options(model: nn.Module, opset: int, target: str, container: str | None) -> str:
+    """Validate the export options against the model; returns the weight container in effect."""
+    if target not in TARGETS:
+        raise QDetrError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    if container is not None and container not in CONTAINERS:
+        raise QDetrError(f"unknown weight container {container!r}: use int4 or int8")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise QDetrError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    container = container or "int4"
+    low_bits = [name for name, m in model.named_modules() if getattr(m, "w_bits", 8) <= 4]
+    if container == "int4" and low_bits and opset < INT4_OPSET:
+        raise QDetrError(f"opset {opset} has no INT4 tensors but {low_bits[0]} has <= 4-bit weights: "
+                         f"use --opset {INT4_OPSET} or --weight-container int8")
+    return container
+
+
+def _default_size(ckpt: Checkpoint) -> tuple[int, int]:
+    size = (ckpt.meta.get("calibration") or {}).get("image_size") if isinstance(ckpt.meta, dict) else None
+    return (int(size[0]), int(size[1])) if size else DEFAULT_IMAGE_SIZE
+
+
+def _constants(ctx: Ctx, model: nn.Module, size: tuple[int, int]) -> tuple[str, str, str]:
+    """Sine position embedding [hw,1,D], query embedding [Q,1,D] and the zero decoder target [Q,1,D]."""
+    h, w = folding.feature_size(model.backbone[0].body, size)
+    if h < 1 or w < 1:
+        raise QDetrError(f"input size {size[0]}x{size[1]} is too small for this backbone")
+    pos = model.backbone[1](torch.zeros(1, h, w, dtype=torch.bool))  # [1,D,h,w]
+    pos = pos.flatten(2).permute(2, 0, 1).contiguous()  # [hw,1,D]
+    query = model.query_embed.weight.detach()[:, None, :]
+    g = ctx.g
+    return (g.const("backbone.1.pos_embed", pos.numpy()), g.const("query_embed.weight", query.numpy()),
+            g.const("transformer.decoder.tgt", np.zeros(query.shape, np.float32)))
+
+
+def _strict_message(fallbacks: list[tuple[str, str]]) -> str:
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in fallbacks:
+        by_reason.setdefault(reason, []).append(name)
+    groups = "; ".join(f"{reason}: {', '.join(names)}" for reason, names in by_reason.items())
+    return (f"--strict-trt: {len(fallbacks)} activation quantizers cannot be zero-point-0 per-tensor int8 "
+            f"Q/DQ for TensorRT ({groups})")
+
+
+def _records_json(ctx: Ctx, internal: dict[str, str]) -> dict[str, Any]:
+    acts = []
+    for r in ctx.g.acts:
+        d = asdict(r)
+        d["shift"] = [int(s) for s in np.asarray(r.shift).reshape(-1)]
+        acts.append(d)
+    return {"acts": acts, "tensors": internal, "target": ctx.target, "container": ctx.container}
+
+
+def _set_props(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    merged = {p.key: p.value for p in model.metadata_props}
+    merged.update(props)
+    del model.metadata_props[:]
+    helper.set_model_props(model, merged)
