@@ -306,3 +306,55 @@ def test_detr_r50_128px_tensorrt(tmp_path: Path) -> None:
     print(report.table())
     assert report.passed, report.table()
     assert any(t.data_type == TensorProto.INT4 for t in onnx.load(str(result.path)).graph.initializer)
+
+
+# --- conv_bias="int32": QLinearConv in the backbone -------------------------------------------------------
+
+INT_CONVS = ("backbone.0.body.conv1", "backbone.0.body.layer1.0", "backbone.0.body.layer2.0")
+
+
+@pytest.mark.parametrize("bits", ["2-2-8", "4-4-8", "8-8-8"])
+def test_int32_conv_bias_parity_and_qlinearconv(students: dict[str, Path], bits: str, tmp_path: Path) -> None:
+    """The int32-bias export still matches PyTorch (with the same bias rounding, check.as_exported) and
+    onnxruntime runs the stem and layer1/layer2 convs as QLinearConv; layer3 feeds the float input_proj."""
+    kernels = pytest.importorskip("qdetr_deploy.engines.onnxruntime")
+    ckpt = load_checkpoint(students[bits])
+    result = export_onnx(ckpt, tmp_path / "m.onnx", batch=2, weight_container="int8", conv_bias="int32")
+    report = check_onnx(result.path, ckpt.model, tolerance=1e-4)
+    print(f"{bits} int32 bias: prob {report.max_prob_diff:.2e} box {report.max_box_diff:.2e} "
+          f"codes {100 * report.code_agreement:.4f}%")
+    assert report.passed, report.table()
+    assert report.code_agreement >= 0.999 and report.codes_compared > 100_000
+    records = json.loads(_props(result.path)[onnx_export.QUANTIZERS_KEY])
+    assert records["conv_bias"] == "int32" and set(records["bias_deltas"]) == set(INT_CONVS)
+    assert records["int_convs"]["backbone.0.body.layer3.0"]  # a reason why it stays float
+    proto = onnx.load(str(result.path))
+    biases = [t for t in proto.graph.initializer if t.name.endswith(".bias_quantized")]
+    assert len(biases) == 3 and all(t.data_type == TensorProto.INT32 for t in biases)
+    so = kernels.session_options(1, "extended")
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(result.path), so, providers=["CPUExecutionProvider"])
+    rows = {r["node"]: r for r in kernels.integer_kernel_report(tmp_path / "opt.onnx")}
+    for conv in INT_CONVS:
+        assert rows[f"{conv}/Conv"]["op_type"] == "QLinearConv", rows[f"{conv}/Conv"]
+    assert rows["backbone.0.body.layer3.0/Conv"]["op_type"] == "Conv"
+
+
+def test_int32_conv_bias_rounding_is_bounded_and_float_is_default(students: dict[str, Path]) -> None:
+    model = load_checkpoint(students["4-4-8"]).model
+    default, _ = build_onnx(model, SIZE, weight_container="int8")
+    explicit, _ = build_onnx(model, SIZE, weight_container="int8", conv_bias="float")
+    assert default.graph == explicit.graph
+    assert not any(n.op_type == "QuantizeLinear" and "output" in n.name for n in default.graph.node)
+    proto, ctx = build_onnx(model, SIZE, weight_container="int8", conv_bias="int32")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert set(ctx.bias_deltas) == set(INT_CONVS)
+    for conv, (module, delta) in ctx.bias_deltas.items():
+        grid = inits[f"{conv}.bias_scale"].astype(np.float64)  # x_step * folded w_step, per channel
+        assert np.all(np.abs(delta) <= 0.5 * grid * (1 + 1e-6) + 1e-12), conv
+        assert module.endswith((".bn1", ".1"))  # the batch norm's bias takes the delta
+    with pytest.raises(Exception, match="onnxruntime target"):
+        build_onnx(model, SIZE, target="tensorrt", conv_bias="int32")
+    result = CliRunner().invoke(cli, ["export", str(students["4-4-8"]), "-o", "/nonexistent/x.onnx",
+                                      "--conv-bias", "bogus"])
+    assert result.exit_code == 2

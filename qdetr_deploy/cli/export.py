@@ -22,6 +22,10 @@ import click
 @click.option("--weight-container", type=click.Choice(["int4", "int8"]), default=None,
               help="int4 (default): INT4 weights for <= 4 bits; int8: every weight (and activation) in "
                    "8-bit containers, which onnxruntime runs as integer kernels.")
+@click.option("--conv-bias", type=click.Choice(["float", "int32"]), default=None,
+              help="onnxruntime: int32 puts conv biases on the int32 x_step*w_step grid where the conv can "
+                   "run as QLinearConv (bias moves by <= half a grid step; --check compares against the same "
+                   "rounding); float (default): exact separate bias Add.")
 @click.option("--strict-trt", is_flag=True, help="tensorrt: refuse instead of writing float fake-quant "
               "fallbacks for quantizers int8 Q/DQ cannot express.")
 @click.option("--check", is_flag=True, help="Compare ONNX Runtime with PyTorch fake-quant after writing.")
@@ -30,7 +34,8 @@ import click
               help="--check: largest allowed difference of class probabilities and normalised boxes.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[int, int] | None, batch: int,
-               dynamic_batch: bool, postprocess: bool, weight_container: str | None, strict_trt: bool,
+               dynamic_batch: bool, postprocess: bool, weight_container: str | None, conv_bias: str | None,
+               strict_trt: bool,
                check: bool, check_images: str | None, tolerance: float, trust_checkpoint: bool) -> None:
     """Export CKPT (a quantized or float checkpoint) to an ONNX model for TARGET."""
     from qdetr_deploy.checkpoints import load_checkpoint
@@ -44,7 +49,7 @@ def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[i
     result = export_onnx(loaded, out, opset=opset, target=target,
                          image_size=tuple(image_size) if image_size else None, batch=batch,
                          dynamic_batch=dynamic_batch, postprocess=postprocess,
-                         weight_container=weight_container, strict_trt=strict_trt)
+                         weight_container=weight_container, strict_trt=strict_trt, conv_bias=conv_bias)
     modes = ", ".join(f"{n} {m}" for m, n in sorted(result.act_modes.items())) or "no quantizers"
     click.echo(f"wrote {result.path} and {result.sidecar.name} ({result.metadata['bits']}, target {target}; "
                f"activation quantizers: {modes})")

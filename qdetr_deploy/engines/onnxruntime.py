@@ -51,6 +51,10 @@ PROVIDERS = {
 DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
+# onnxruntime_session_options_config_keys.h (kOrtSessionOptionsQDQMatMulNBitsAccuracyLevel)
+MATMULNBITS_ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+
+
 def providers_for(provider: str) -> list[str]:
     """Execution providers for ``provider`` ("cpu", "cuda", "tensorrt"); fail when this ORT lacks one."""
     if provider not in PROVIDERS:
@@ -73,6 +77,10 @@ def session_options(threads: int | None = None, opt_level: str = "all") -> ort.S
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = OPT_LEVELS[opt_level]
     so.log_severity_level = 3  # errors only: keep the CLI output clean
+    # DequantizeLinear(int weight) -> MatMul with a float activation becomes MatMulNBits, which by default
+    # (accuracy level 4) quantizes that activation to int8 on the fly: not the ONNX semantics. Level 0
+    # keeps the float activation (the 4-bit weight is still unpacked in the kernel).
+    so.add_session_config_entry(MATMULNBITS_ACCURACY_KEY, "0")
     return so
 
 

@@ -10,6 +10,7 @@ copy of the model; in PyTorch forward hooks on each ActQuantizer compute ``lsq.a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
         images = np.resize(images, (-(-len(images) // batch) * batch, *images.shape[1:]))
     session = _session(proto.SerializeToString(), threads)
     probe = _session(_with_probes(proto, records).SerializeToString(), threads)
-    torch_out = _torch_run(model, images, batch)
+    torch_out = _torch_run(as_exported(model, records), images, batch)
     prob_diff = box_diff = 0.0
     labels_equal = labels_total = 0
     codes_equal, codes_total = 0, 0
@@ -213,6 +214,24 @@ def _heads(out: dict, pout: dict, records: dict, ref: dict, size: tuple[int, int
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
     return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@torch.no_grad()
+def as_exported(model: nn.Module, records: dict) -> nn.Module:
+    """``model``, or a copy with the conv biases the export rounded onto the int32 grid (conv_bias="int32":
+    ``records["bias_deltas"]``, the delta added to the ``bias`` of the conv's batch norm or of the conv)."""
+    deltas = records.get("bias_deltas") or {}
+    if not deltas:
+        return model
+    model = copy.deepcopy(model)
+    for entry in deltas.values():
+        module = model.get_submodule(entry["module"])
+        delta = torch.tensor(entry["delta"], dtype=torch.float64)
+        if getattr(module, "bias", None) is None:  # a conv without bias: give it one
+            module.bias = nn.Parameter(torch.zeros(delta.numel()))
+        bias = module.bias
+        bias.copy_((bias.double() + delta).to(bias.dtype))
+    return model
 
 
 @torch.no_grad()

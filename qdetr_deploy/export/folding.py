@@ -15,6 +15,13 @@ Conventions (docs/ARCHITECTURE.md "ONNX model"; QDETR_METHOD.md §1):
   (a Clip to [a(Qn-z), a(Qp-z)] first restores the narrow range). Where no dtype fits (TensorRT: zero
   point 0 and per-tensor only) the exact float fake-quant subgraph Div, Round, Add, Clip, Sub, Mul is
   written instead and the layer is reported.
+- ``conv_bias="int32"`` (onnxruntime): a quantized conv whose output goes through ReLU straight into the
+  next quantized conv's per-tensor activation quantizer (:func:`conv_relu_quant`) gets its folded bias
+  as an INT32 initializer on the ``x_step * w_step`` grid (DequantizeLinear, axis 0) inside the Conv, and
+  its ReLU output quantized at once: ``Conv -> Relu -> QuantizeLinear`` (uint8, zero point 0, the next
+  quantizer's step), which onnxruntime fuses into QLinearConv. Rounding the bias onto the grid moves it
+  by <= 0.5 * x_step * w_step; the change is recorded (``Ctx.bias_deltas``) so the parity check can apply
+  it to the PyTorch model. Everything else keeps the exact float bias (a separate Add).
 - Linear biases are [1,N] initializers: a 1-D bias lets onnxruntime fuse MatMul+Add into a float Gemm
   before its Q/DQ fusion, which would keep the layer out of MatMulIntegerToFloat.
 - DA, LayerNorm, softmax, residual adds and the heads stay float.
@@ -37,6 +44,7 @@ from qdetr_deploy.quant.quantizers import ActQuantizer
 
 TARGETS = ("onnxruntime", "tensorrt")
 CONTAINERS = ("int4", "int8")
+CONV_BIASES = ("float", "int32")
 T = TensorProto
 
 
@@ -48,6 +56,11 @@ class Ctx:
     target: str = "onnxruntime"
     container: str = "int4"
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
+    conv_bias: str = "float"
+    #: conv name -> (module whose ``bias`` takes the delta, per-channel delta) of int32-rounded conv biases
+    bias_deltas: dict[str, tuple[str, list[float]]] = field(default_factory=dict)
+    #: conv name -> why it keeps a float bias/output under conv_bias="int32" ("" when it got an int32 bias)
+    int_convs: dict[str, str] = field(default_factory=dict)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -66,9 +79,10 @@ def _bshape(axis: int | None, rank: int, n: int) -> tuple[int, ...]:
 # --- activation quantizer ----------------------------------------------------------------------------------
 
 def plan_act(qn: int, qp: int, z: np.ndarray, bits: int, signed: bool, per_channel: bool, target: str,
-             container: str) -> tuple[int, np.ndarray, bool] | str:
+             container: str, prefer_uint8: bool = False) -> tuple[int, np.ndarray, bool] | str:
     """Choose the Q dtype for codes [qn, qp] with zero points ``z``: (dtype, shift s, needs Clip), or the
-    reason (a string) why no Q/DQ reproduces the quantizer exactly."""
+    reason (a string) why no Q/DQ reproduces the quantizer exactly. ``prefer_uint8``: try UINT8 first
+    (onnxruntime's CPU QLinearConv wants uint8 activations)."""
     if target == "tensorrt":
         if per_channel:
             return "per-channel/per-head activation steps (TensorRT takes per-tensor activation scales)"
@@ -77,7 +91,7 @@ def plan_act(qn: int, qp: int, z: np.ndarray, bits: int, signed: bool, per_chann
             return T.INT8, shift, bool(qn + shift.min() != -128 or qp + shift.max() != 127)
         return (f"{'signed' if signed else 'unsigned'} {bits}-bit codes shifted by z={int(z.flat[0])} span "
                 f"[{qn - int(z.flat[0])}, {qp - int(z.flat[0])}], outside int8 with zero point 0")
-    order = [T.INT8, T.UINT8] if signed else [T.UINT8, T.INT8]
+    order = [T.INT8, T.UINT8] if signed and not prefer_uint8 else [T.UINT8, T.INT8]
     if bits <= 4 and container == "int4":
         order = ([T.INT4, T.UINT4] if signed else [T.UINT4, T.INT4]) + order
     for dtype in order:
@@ -114,7 +128,8 @@ def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int |
     if per_ch and axis is None:
         raise ValueError(f"{name}: per-channel quantizer without a graph axis")
     axis = axis if per_ch else None
-    plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, per_ch, ctx.target, ctx.container)
+    plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, per_ch, ctx.target, ctx.container,
+                    prefer_uint8=feeds == "Conv" and ctx.conv_bias == "int32")
     if per_ch and feeds == "MatMul" and ctx.target == "onnxruntime":
         plan = ORT_PER_CHANNEL_MATMUL
     g, shape = ctx.g, _bshape(axis, rank, step.size)
@@ -179,13 +194,20 @@ def norm_affine(norm: nn.Module | None) -> tuple[np.ndarray, np.ndarray] | None:
     return _np(scale), _np(b.detach() - norm.running_mean * scale)
 
 
-def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: str) -> str:
-    """Conv2d (quantized or float) with the following batch norm folded in; returns the conv output."""
+def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: str, *,
+              quantized_input: bool = False, int_bias: tuple[str, float] | None = None) -> str:
+    """Conv2d (quantized or float) with the following batch norm folded in; returns the conv output.
+
+    ``quantized_input``: ``x`` is already the output of the conv's activation quantizer (applied by the
+    previous layer, :func:`conv_relu_quant`). ``int_bias``: (name of the module whose ``bias`` holds the
+    folded shift, input step) puts the folded bias into the Conv as INT32 on the ``x_step * w_step`` grid.
+    """
     g, affine = ctx.g, norm_affine(norm)
     bias = _np(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
     quant = isinstance(conv, QuantConv2d)
     if quant:
-        x = act_quant(ctx, x, conv.act, f"{name}.act", axis=1, rank=4, feeds="Conv")
+        if not quantized_input:
+            x = act_quant(ctx, x, conv.act, f"{name}.act", axis=1, rank=4, feeds="Conv")
         codes, step, bits = conv.weight_qparams()
         step = _np(step)
         if affine is not None and (affine[0] > 0).all():
@@ -198,15 +220,102 @@ def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: s
         w = g.const(f"{name}.weight", weight)
     pads = list(conv.padding) * 2
     inputs = [x, w] if quant else [x, w, g.const(f"{name}.bias", bias)]
+    if quant and int_bias is not None and affine is None:
+        target, x_step = int_bias
+        b_scale = (np.float32(x_step) * step.astype(np.float32)).astype(np.float32)
+        b_int = np.rint(bias.astype(np.float64) / b_scale.astype(np.float64))
+        if np.abs(b_int).max(initial=0) < 2 ** 31 - 1 and (b_scale > 0).all():
+            b_int = b_int.astype(np.int32)
+            rounded = (b_int.astype(np.float32) * b_scale).astype(np.float32)
+            ctx.bias_deltas[name] = (target, [float(d) for d in (rounded.astype(np.float64) - bias)])
+            inputs.append(g.node("DequantizeLinear", [g.const(f"{name}.bias_quantized", b_int, np.int32),
+                                                      g.const(f"{name}.bias_scale", b_scale),
+                                                      g.const(f"{name}.bias_zero_point",
+                                                              np.zeros(b_int.size, np.int32), np.int32)],
+                                 f"{name}/bias/DequantizeLinear", axis=0))
+            int_bias = None
     y = g.node("Conv", inputs, f"{name}/Conv", kernel_shape=list(conv.kernel_size), strides=list(conv.stride),
                pads=pads, dilations=list(conv.dilation), group=conv.groups)
-    if quant:  # a separate Add: onnxruntime would round a Conv's float bias onto the int32 grid x_step*w_step
+    if quant and len(inputs) == 2:  # a separate Add: onnxruntime would round a Conv's float bias onto the
+        # int32 grid x_step*w_step
         y = g.node("Add", [y, g.const(f"{name}.bias", bias.reshape(1, -1, 1, 1))], f"{name}/Add")
     if affine is not None:  # a quantized conv whose norm has a non-positive scale: keep it as Mul + Add
         scale = g.const(f"{name}.norm_scale", affine[0].reshape(1, -1, 1, 1))
         shift = g.const(f"{name}.norm_shift", affine[1].reshape(1, -1, 1, 1))
         y = g.node("Add", [g.node("Mul", [y, scale], f"{name}/norm/Mul"), shift], f"{name}/norm/Add")
     return y
+
+
+def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.Module | None) -> str:
+    """Why ``conv`` -> ReLU -> ``nxt`` (the conv reading its output) cannot take an int32 bias and a
+    quantized output; "" when it can."""
+    if ctx.conv_bias != "int32" or ctx.target != "onnxruntime":
+        return "conv_bias is float"
+    if not isinstance(conv, QuantConv2d):
+        return "float conv"
+    if not isinstance(nxt, QuantConv2d):
+        return "its output feeds a float layer or a residual add, not only a quantized conv"
+    affine = norm_affine(norm)
+    if affine is not None and not (affine[0] > 0).all():
+        return "batch norm with a non-positive scale (kept as Mul + Add)"
+    for act in (conv.act, nxt.act):
+        if act is None or not act.initialised:
+            return "unquantized or uncalibrated activation"
+        p = act.qparams()
+        if p.channel_dim is not None:
+            return "per-channel activation steps (QLinearConv takes per-tensor activation scales)"
+        z = _np(p.zero_point).reshape(-1).astype(np.int64)
+        plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
+        if isinstance(plan, str):
+            return f"activation quantizer has no Q/DQ form: {plan}"
+    p = nxt.act.qparams()
+    z = _np(p.zero_point).reshape(-1).astype(np.int64)
+    dtype, shift, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
+    hi = INT_DTYPES[dtype][1] - int((z + shift)[0])
+    if clip:
+        hi = min(hi, p.qmax - int(z[0]))
+    if hi > 255:
+        return "the next quantizer's codes reach beyond a uint8 output of the conv"
+    return ""
+
+
+def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, name: str,
+                    norm_name: str | None, nxt: nn.Module | None, nxt_name: str, relu_name: str, *,
+                    quantized_input: bool = False) -> tuple[str, bool]:
+    """``conv`` + ``norm`` -> ReLU -> the activation quantizer of ``nxt`` (conv ``nxt_name``).
+
+    Returns (tensor, quantized): with conv_bias="int32" where :func:`int_conv_reason` allows, the
+    dequantized output of ``nxt``'s quantizer (pass ``quantized_input=True`` to ``nxt``'s conv_norm) with
+    an int32 bias in the Conv and ``Conv -> Relu -> QuantizeLinear(uint8, zero point 0)`` right after it;
+    otherwise the ReLU output, as before. ``quantized_input``: ``x`` already is ``conv``'s quantizer
+    output.
+
+    Exactness of the uint8 zero-point-0 Q with the next quantizer's step a: for r = round(relu(y) / a),
+    its code is clip(r + z, lo, hi) - z, and the Q gives min(r, 255): equal as long as the next
+    quantizer's highest code (minus z) is <= 255 (checked), so its own Q/DQ (and Clip) can follow
+    unchanged.
+    """
+    g = ctx.g
+    reason = int_conv_reason(ctx, conv, norm, nxt)
+    if ctx.conv_bias == "int32":
+        ctx.int_convs[name] = reason
+    if reason:
+        y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input)
+        return g.node("Relu", [y], relu_name), False
+    x_step = float(_np(conv.act.qparams().step).reshape(-1)[0])
+    target = norm_name if norm is not None else name
+    y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input, int_bias=(target, x_step))
+    y = g.node("Relu", [y], relu_name)
+    p = nxt.act.qparams()
+    step = float(_np(p.step).reshape(-1)[0])
+    z = _np(p.zero_point).reshape(-1).astype(np.int64)
+    dtype, shift, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
+    if not (dtype == T.UINT8 and int((z + shift)[0]) == 0 and not clip):
+        s = g.const(f"{name}.out_scale", np.float32(step))
+        zp = g.const_int(f"{name}.out_zero_point", 0, T.UINT8)
+        q = g.node("QuantizeLinear", [y, s, zp], f"{name}/output/QuantizeLinear")
+        y = g.node("DequantizeLinear", [q, s, zp], f"{name}/output/DequantizeLinear")
+    return act_quant(ctx, y, nxt.act, f"{nxt_name}.act", axis=1, rank=4, feeds="Conv"), True
 
 
 def linear(ctx: Ctx, x: str, lin: nn.Linear, name: str) -> str:
@@ -314,24 +423,57 @@ def tiny_block(ctx: Ctx, x: str, block: nn.Sequential, name: str) -> str:
 
 
 def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
-    """torchvision BasicBlock / Bottleneck: convs with their norms, the (float) downsample, add, ReLU."""
+    """torchvision BasicBlock / Bottleneck: convs with their norms, the (float) downsample, add, ReLU.
+
+    With conv_bias="int32", every conv but the last (its output only feeds the next conv) goes through
+    :func:`conv_relu_quant`; the last one meets the residual add, so it keeps a float bias and output."""
     g = ctx.g
     convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
-    y = x
+    y, quantized = x, False
     for i, c in enumerate(convs):
-        y = conv_norm(ctx, y, getattr(block, c), getattr(block, f"bn{c[-1]}"), f"{name}.{c}")
+        conv, norm = getattr(block, c), getattr(block, f"bn{c[-1]}")
         if i < len(convs) - 1:
-            y = g.node("Relu", [y], f"{name}.relu{i + 1}/Relu")
+            nxt = convs[i + 1]
+            y, quantized = conv_relu_quant(ctx, y, conv, norm, f"{name}.{c}", f"{name}.bn{c[-1]}",
+                                           getattr(block, nxt), f"{name}.{nxt}", f"{name}.relu{i + 1}/Relu",
+                                           quantized_input=quantized)
+        else:
+            if ctx.conv_bias == "int32":
+                ctx.int_convs[f"{name}.{c}"] = "its output meets the residual add (float) before the ReLU"
+            y = conv_norm(ctx, y, conv, norm, f"{name}.{c}", quantized_input=quantized)
     identity = x
     if block.downsample is not None:
         identity = conv_norm(ctx, x, block.downsample[0], block.downsample[1], f"{name}.downsample.0")
     return g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
 
 
-def backbone(ctx: Ctx, images: str, body: nn.Module, name: str) -> str:
-    """The backbone body up to its returned layer (ResNet or the tiny demo net) -> features [B,C,h,w]."""
+def _tiny_chain(ctx: Ctx, x: str, body: nn.Module, name: str, nxt: nn.Module | None, nxt_name: str) -> str:
+    """TinyBackbone with conv_bias="int32": stem and layers as a chain in which each conv's ReLU output
+    feeds only the next conv (the last one: ``nxt``, the input_proj)."""
+    stages = [(body.conv1, body.bn1, f"{name}.conv1", f"{name}.bn1", f"{name}.relu/Relu")]
+    stages += [(layer[0], layer[1], f"{name}.{n}.0", f"{name}.{n}.1", f"{name}.{n}.2/Relu")
+               for n, layer in body.named_children() if n.startswith("layer")]
+    quantized = False
+    for i, (conv, norm, cname, nname, relu) in enumerate(stages):
+        after, after_name = (stages[i + 1][0], stages[i + 1][2]) if i + 1 < len(stages) else (nxt, nxt_name)
+        x, quantized = conv_relu_quant(ctx, x, conv, norm, cname, nname, after, after_name, relu,
+                                       quantized_input=quantized)
+    return x
+
+
+def backbone(ctx: Ctx, images: str, body: nn.Module, name: str, nxt: nn.Module | None = None,
+             nxt_name: str = "input_proj") -> str:
+    """The backbone body up to its returned layer (ResNet or the tiny demo net) -> features [B,C,h,w].
+
+    ``nxt``: the layer reading the features (the input_proj), used by conv_bias="int32"."""
     g = ctx.g
+    layers = [layer for n, layer in body.named_children() if n.startswith("layer")]
+    tiny = not hasattr(body, "maxpool") and all(isinstance(layer[0], nn.Conv2d) for layer in layers)
+    if tiny and ctx.conv_bias == "int32" and ctx.target == "onnxruntime":
+        return _tiny_chain(ctx, images, body, name, nxt, nxt_name)
     x = conv_norm(ctx, images, body.conv1, body.bn1, f"{name}.conv1")
+    if ctx.conv_bias == "int32":
+        ctx.int_convs[f"{name}.conv1"] = "its output also feeds the float residual path of layer1.0"
     x = g.node("Relu", [x], f"{name}.relu/Relu")
     if hasattr(body, "maxpool"):
         mp = body.maxpool

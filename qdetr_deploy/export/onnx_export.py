@@ -24,7 +24,7 @@ from qdetr_deploy.checkpoints import Checkpoint, file_sha256, load_checkpoint
 from qdetr_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export import folding
-from qdetr_deploy.export.folding import CONTAINERS, TARGETS, Ctx
+from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.quant.api import is_quantized
@@ -35,6 +35,7 @@ QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes l
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
 DEFAULT_IMAGE_SIZE = (800, 800)
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit, with a margin
+DEFAULT_CONV_BIAS = {"onnxruntime": "float", "tensorrt": "float"}
 
 
 @dataclass
@@ -50,18 +51,22 @@ class ExportResult:
 
 def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int = 21, target: str = "onnxruntime",
                batch: int | None = 1, postprocess: bool = True, weight_container: str | None = None,
-               strict_trt: bool = False) -> tuple[onnx.ModelProto, Ctx]:
+               strict_trt: bool = False, conv_bias: str | None = None) -> tuple[onnx.ModelProto, Ctx]:
     """Build the ONNX graph of ``model`` (float or quantized DETR, eval semantics) for a fixed (H, W) canvas.
 
-    ``batch=None`` makes the batch dimension dynamic. Returns the model (no metadata yet) and the build
-    context (activation records, fallbacks).
+    ``batch=None`` makes the batch dimension dynamic. ``conv_bias``: "float" (exact separate bias Add) or
+    "int32" (onnxruntime: conv biases rounded onto the int32 grid where the conv can become QLinearConv;
+    folding.conv_relu_quant); None: the target's default (:data:`DEFAULT_CONV_BIAS`). Returns the model
+    (no metadata yet) and the build context (activation records, fallbacks).
     """
     container = _check_options(model, opset, target, weight_container)
-    ctx = Ctx(GraphBuilder(opset), target, container)
+    conv_bias = _check_conv_bias(conv_bias, target)
+    ctx = Ctx(GraphBuilder(opset), target, container, conv_bias=conv_bias)
     g, (H, W) = ctx.g, (int(image_size[0]), int(image_size[1]))
     with torch.no_grad():
-        feats = folding.backbone(ctx, "images", model.backbone[0].body, "backbone.0.body")
-        src = folding.conv_norm(ctx, feats, model.input_proj, None, "input_proj")
+        feats = folding.backbone(ctx, "images", model.backbone[0].body, "backbone.0.body", model.input_proj)
+        pre = any(r.module == "input_proj.act" for r in g.acts)  # quantized by the backbone's last conv
+        src = folding.conv_norm(ctx, feats, model.input_proj, None, "input_proj", quantized_input=pre)
         pos, query_pos, tgt = _constants(ctx, model, (H, W))
         i64 = np.int64
         src = g.node("Reshape", [src, g.const("transformer.flatten_shape", [0, 0, -1], i64)],
@@ -100,7 +105,7 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int = 21
 def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.PathLike, *, opset: int = 21,
                 target: str = "onnxruntime", image_size: tuple[int, int] | None = None, batch: int = 1,
                 dynamic_batch: bool = False, postprocess: bool = True, weight_container: str | None = None,
-                strict_trt: bool = False, trust: bool = False) -> ExportResult:
+                strict_trt: bool = False, trust: bool = False, conv_bias: str | None = None) -> ExportResult:
     """Export a checkpoint (path or loaded :class:`Checkpoint`) to ``output`` (.onnx) and its sidecar
     ``output.json``; both written atomically, nothing written on error."""
     output = check_output_path(output)
@@ -109,10 +114,12 @@ def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.Pat
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, trust=trust)
     model = ckpt.model.eval()
     _check_options(model, opset, target, weight_container)
+    _check_conv_bias(conv_bias, target)
     size = tuple(image_size) if image_size else _default_size(ckpt)
     onnx_model, ctx = build_onnx(model, size, opset=opset, target=target,
                                  batch=None if dynamic_batch else batch, postprocess=postprocess,
-                                 weight_container=weight_container, strict_trt=strict_trt)
+                                 weight_container=weight_container, strict_trt=strict_trt,
+                                 conv_bias=conv_bias)
     metadata = export_metadata(ckpt, size, target=target, postprocess=postprocess,
                                batch=None if dynamic_batch else batch)
     _set_props(onnx_model, {METADATA_KEY: json.dumps(metadata)})
@@ -180,6 +187,16 @@ def _check_options(model: nn.Module, opset: int, target: str, container: str | N
     return container
 
 
+def _check_conv_bias(conv_bias: str | None, target: str) -> str:
+    """The conv-bias mode in effect: validated, None -> the target's default."""
+    conv_bias = conv_bias or DEFAULT_CONV_BIAS[target]
+    if conv_bias not in CONV_BIASES:
+        raise QDetrError(f"unknown conv bias {conv_bias!r}: use float or int32")
+    if conv_bias == "int32" and target != "onnxruntime":
+        raise QDetrError("--conv-bias int32 is for the onnxruntime target (QLinearConv)")
+    return conv_bias
+
+
 def _default_size(ckpt: Checkpoint) -> tuple[int, int]:
     size = (ckpt.meta.get("calibration") or {}).get("image_size") if isinstance(ckpt.meta, dict) else None
     return (int(size[0]), int(size[1])) if size else DEFAULT_IMAGE_SIZE
@@ -213,7 +230,10 @@ def _records_json(ctx: Ctx, internal: dict[str, str]) -> dict[str, Any]:
         d = asdict(r)
         d["shift"] = [int(s) for s in np.asarray(r.shift).reshape(-1)]
         acts.append(d)
-    return {"acts": acts, "tensors": internal, "target": ctx.target, "container": ctx.container}
+    return {"acts": acts, "tensors": internal, "target": ctx.target, "container": ctx.container,
+            "conv_bias": ctx.conv_bias,
+            "bias_deltas": {conv: {"module": m, "delta": d} for conv, (m, d) in ctx.bias_deltas.items()},
+            "int_convs": ctx.int_convs}
 
 
 def _set_props(model: onnx.ModelProto, props: dict[str, str]) -> None:
