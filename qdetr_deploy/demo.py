@@ -29,9 +29,9 @@ class DemoSettings:
     num_train: int = 1200
     num_val: int = 200
     image_size: int = 96
-    teacher_epochs: int = 32  # 75 steps an epoch: 2400 steps, lr / 10 after epoch 26
+    teacher_epochs: int = 40  # 75 steps an epoch: 3000 steps, lr / 10 after epoch 33
     teacher_max_steps: int | None = None
-    student_max_steps: int | None = 450
+    student_max_steps: int | None = 600
     batch_size: int = 16
     lr: float = 3e-4
     calib_size: int = 64
