@@ -23,16 +23,17 @@ NUM_TRAIN=${NUM_TRAIN:-1200}
 NUM_VAL=${NUM_VAL:-200}
 IMAGE_SIZE=${IMAGE_SIZE:-96}
 BATCH=${BATCH:-16}
-WORKERS=${WORKERS:-1}
+WORKERS=${WORKERS:-0}
 SEED=${SEED:-42}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-36}
 TEACHER_LR=${TEACHER_LR:-3e-4}
-TEACHER_DROP=${TEACHER_DROP:-50}
-TEACHER_EVAL_EVERY=${TEACHER_EVAL_EVERY:-10}
-STUDENT_EPOCHS=${STUDENT_EPOCHS:-20}
+TEACHER_DROP=${TEACHER_DROP:-30}
+TEACHER_EVAL_EVERY=${TEACHER_EVAL_EVERY:-12}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-8}
 STUDENT_LR=${STUDENT_LR:-1e-4}
-STUDENT_DROP=${STUDENT_DROP:-15}
-STUDENT_EVAL_EVERY=${STUDENT_EVAL_EVERY:-5}
+STUDENT_DROP=${STUDENT_DROP:-6}
+STUDENT_EVAL_EVERY=${STUDENT_EVAL_EVERY:-4}
+DRD_DISTANCE=${DRD_DISTANCE:-mse}
 BITS=${BITS:-4-4-8}
 VARIANTS=${VARIANTS:-"baseline da fqm both"}
 
@@ -66,8 +67,8 @@ for variant in $VARIANTS; do
   case $variant in
     baseline) flags=(--no-da --no-fqm) ;;
     da) flags=(--no-fqm) ;;
-    fqm) flags=(--no-da) ;;
-    both) flags=() ;;
+    fqm) flags=(--no-da --drd-distance "$DRD_DISTANCE") ;;
+    both) flags=(--drd-distance "$DRD_DISTANCE") ;;
     *) echo "unknown variant $variant" >&2; exit 2 ;;
   esac
   # shellcheck disable=SC2086

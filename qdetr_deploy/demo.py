@@ -31,7 +31,7 @@ class DemoSettings:
     image_size: int = 96
     teacher_epochs: int = 40  # 75 steps an epoch: 3000 steps, lr / 10 after epoch 33
     teacher_max_steps: int | None = None
-    student_max_steps: int | None = 600
+    student_max_steps: int | None = 1200
     batch_size: int = 16
     lr: float = 3e-4
     calib_size: int = 64

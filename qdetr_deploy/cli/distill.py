@@ -29,7 +29,7 @@ from qdetr_deploy.train.fqm import PAPER_LAMBDA, PAPER_TAU
 @click.option("--drd-layers", default="last", show_default=True, type=click.Choice(["last", "all"]))
 @click.option("--drd-feature", default="hs", show_default=True, type=click.Choice(["hs", "cross"]),
               help="hs: decoder layer output read by the heads; cross: cross-attention output (hook).")
-@click.option("--drd-distance", default="l2", show_default=True, type=click.Choice(["l2", "mse"]))
+@click.option("--drd-distance", default="mse", show_default=True, type=click.Choice(["l2", "mse"]))
 @click.option("--two-stage", is_flag=True,
               help="Stage 1 quantizes the backbone only, stage 2 the whole model (budget split by "
                    "--stage1-fraction).")
