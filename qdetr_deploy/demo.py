@@ -181,10 +181,18 @@ def _summary(teacher, student, exports, engines, bench, workdir: Path, s: DemoSe
 
 
 def format_table(summary: dict) -> str:
-    """The demo's final table, Markdown."""
+    """The demo's final table, Markdown, and the export parity checks under it."""
     lines = ["| model | AP | AP50 | latency p50 (ms) | size (MB) | operations (G) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in summary["rows"]:
         lines.append(f"| {r['model']} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['latency_p50_ms']:.2f} | "
                      f"{r['size_mb']:.2f} | {r['gops']:.3f} |")
+    lines.append("")
+    for name, e in summary["exports"].items():
+        if not isinstance(e, dict):
+            continue
+        codes = "" if e["code_agreement"] is None else f", {100 * e['code_agreement']:.3f}% of codes equal"
+        verdict = "passed" if e["check_passed"] else "FAILED (see docs/BENCHMARKS.md, parity)"
+        lines.append(f"export --check {name} against PyTorch on 8 val images: {verdict}: max box diff "
+                     f"{e['max_box_diff']:.1e}, max prob diff {e['max_prob_diff']:.1e}{codes}")
     return "\n".join(lines)

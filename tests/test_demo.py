@@ -1,0 +1,27 @@
+"""``qdetr-deploy demo --quick``: the whole pipeline end to end at smoke budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from qdetr_deploy.cli import cli
+
+
+def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    assert "| full precision |" in result.output and "| 4-4-8 Q-DETR |" in result.output
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [r["model"] for r in summary["rows"]] == ["full precision", "4-4-8 Q-DETR"]
+    assert summary["rows"][1]["size_mb"] < summary["rows"][0]["size_mb"] / 4
+    for name in ("teacher", "student"):
+        assert summary["exports"][name]["check_passed"], summary["exports"][name]
+    for artefact in ("teacher.onnx", "student.onnx", "student.ortengine", "report/bench.md",
+                     "report/latency.png", "report/ap_vs_latency.png"):
+        assert (workdir / artefact).is_file(), artefact
+    again = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(workdir)])
+    assert again.exit_code == 0 and "[teacher] reusing" in again.output, again.output
