@@ -48,6 +48,7 @@ class CheckReport:
     tolerance: float
     min_code_agreement: float
     worst_quantizers: list[tuple[str, float]] = field(default_factory=list)
+    first_mismatch: tuple[str, int, int] | None = None  # (quantizer, codes equal, codes) first in graph order
     lint: list[LintViolation] | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -74,6 +75,10 @@ class CheckReport:
         width = max(len(r[0]) for r in rows)
         lines = [f"{name:<{width}}  {value}  {mark}".rstrip() for name, value, mark in rows]
         lines += [f"  lint {v.node}: {v.rule}: {v.message}" for v in (self.lint or [])[:20]]
+        if self.first_mismatch is not None:
+            name, eq, total = self.first_mismatch
+            lines.append(f"  first disagreement {name}: {total - eq} of {total} codes (later ones may be its "
+                         "cascade: a value within float rounding of a code boundary)")
         lines += [f"  worst codes {n}: {100 * a:.3f}%" for n, a in self.worst_quantizers if a < 1.0][:5]
         lines.append(f"parity check {'PASSED' if self.passed else 'FAILED'} on {self.n_images} images")
         return "\n".join(lines)
@@ -135,9 +140,11 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
             codes_equal, codes_total = codes_equal + eq, codes_total + total
     do_lint = lint if lint is not None else records["target"] == "tensorrt"
     worst = sorted(((n, e / t if t else 1.0) for n, (e, t) in per_q.items()), key=lambda r: r[1])[:10]
+    first = next(((n, e, t) for n, (e, t) in per_q.items() if e != t), None)  # records are in graph order
     report = CheckReport(False, checker_ok, checker_error, len(images), prob_diff, box_diff,
                          labels_equal / labels_total if labels_total else 1.0, codes_total, codes_equal,
-                         tolerance, min_code_agreement, worst, lint_tensorrt(proto) if do_lint else None)
+                         tolerance, min_code_agreement, worst, first,
+                         lint_tensorrt(proto) if do_lint else None)
     report.failures = _failures(report)
     report.passed = not report.failures
     return report
