@@ -1,4 +1,4 @@
-"""ONNX export (qdetr_deploy/export): parity with PyTorch fake-quant, the TensorRT lint, metadata, errors.
+"""ONNX export (qdetr_deploy/export): TensorRT lint, metadata, errors, and parity with the PyTorch model.
 
 The tiny DETR has random weights (batch norms given random statistics) and is calibrated on random images.
 Inputs are 64x64 and the check uses one batch of 2 images: the integer path is exact by construction, but

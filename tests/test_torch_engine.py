@@ -62,7 +62,8 @@ def _images(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, H, W)).astype(np.float32)
 
 
-def _fake_quant(source: Path | torch.nn.Module, x: np.ndarray, device: str = "cpu") -> dict[str, np.ndarray]:
+def _reference_outputs(source: Path | torch.nn.Module, x: np.ndarray,
+                       device: str = "cpu") -> dict[str, np.ndarray]:
     """The PyTorch fake-quant model (float32; a checkpoint path or a model) through models.postprocess."""
     model = source if isinstance(source, torch.nn.Module) else load_checkpoint(source).model
     model = model.eval().to(device)
@@ -90,7 +91,7 @@ def test_engine_matches_fake_quant_on_cpu(ckpt, tmp_path):
     assert meta["engine"]["int_layers"] > 30 and meta["bits"] == reference.quant_config.bits
     for n in (1, 3):
         x = _images(n, seed=n)
-        got, want = engine.run(x), _fake_quant(reference, x)
+        got, want = engine.run(x), _reference_outputs(reference, x)
         assert set(got) == {"scores", "labels", "boxes"} and got["labels"].dtype == np.int64
         diff = _box_diff(got["boxes"], want["boxes"])
         print(f"{meta['bits']} batch {n}: max normalised box diff {diff:.3g}, "
@@ -132,7 +133,7 @@ def test_build_engine_cli_and_errors(models, tmp_path):
     engine = open_engine(out)
     assert engine.static_batch == 1 and engine.metadata["input_size"] == [H, W]
     x = _images(1)
-    assert _box_diff(engine.run(x)["boxes"], _fake_quant(models["4-4-8"], x)["boxes"]) < BOX_TOL
+    assert _box_diff(engine.run(x)["boxes"], _reference_outputs(models["4-4-8"], x)["boxes"]) < BOX_TOL
     res = runner.invoke(cli, ["build-engine", str(ckpt), "-o", str(tmp_path / "y.qdtorch"),
                               "--backend", "torch"])
     assert res.exit_code == 2 and "--bits 8" in res.output and len(res.output.strip().splitlines()) == 1
@@ -173,12 +174,13 @@ def test_device_check_messages():
 @needs_cuda
 @pytest.mark.gpu
 def test_engine_on_cuda_with_graphs(ckpt, tmp_path):
-    """float32 engine (Triton kernels) within BOX_TOL of the fake-quant model; the float16 CUDA-graph engine
-    within a looser bound (float16 rounding flips codes at rounding boundaries); peak memory reported."""
+    """float32 engine (Triton kernels) within BOX_TOL of the quantized PyTorch model; the float16 engine
+    (CUDA graphs) within a looser bound (float16 rounding flips codes at rounding boundaries); peak memory
+    reported."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     x = _images(2)
-    want = _fake_quant(ckpt, x, "cuda")
+    want = _reference_outputs(ckpt, x, "cuda")
     diffs = {}
     for dtype, tol in (("float32", BOX_TOL), ("float16", 5e-2)):
         out = build_torch_engine(ckpt, tmp_path / f"{dtype}.qdtorch", image_size=(H, W), batch=None,
