@@ -218,3 +218,30 @@ def test_killed_training_leaves_no_half_written_checkpoint_and_resumes(ws: dict[
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(ckpt).meta.get("step") == steps_done + 2
+
+
+def test_resume_after_a_kill_between_checkpoint_and_state(ws: dict[str, Path]) -> None:
+    """The race a kill can hit: checkpoint written, training state not. Resuming continues exactly."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def run(out: Path, steps: int, resume: bool) -> None:
+        args = ["train", "--arch", "detr_tiny", "--images", ws["train_images"], "--ann", ws["train_ann"],
+                "--image-size", "64", "--max-size", "64", "--batch-size", "4", "--epochs", "10",
+                "--max-steps", str(steps), "--eval-every", "0", "--no-progress", "--workers", "0",
+                "--output-dir", out] + (["--resume"] if resume else [])
+        code, _, output = _run(args)
+        assert code == 0, output
+
+    straight, raced = ws["root"] / "straight", ws["root"] / "raced"
+    run(straight, 4, False)
+    run(raced, 2, False)
+    shutil.copy(raced / "train_state.pt", ws["root"] / "state_at_2.pt")
+    run(raced, 3, True)  # checkpoint and state at step 3 ...
+    shutil.copy(ws["root"] / "state_at_2.pt", raced / "train_state.pt")  # ... as if killed before the state
+    assert load_checkpoint(raced / "checkpoint.safetensors").meta["step"] == 3
+    run(raced, 4, True)  # resumes from the state's step 2, not the checkpoint's 3
+    a = load_file(str(straight / "checkpoint.safetensors"))
+    b = load_file(str(raced / "checkpoint.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"

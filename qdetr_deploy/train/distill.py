@@ -62,10 +62,10 @@ from qdetr_deploy.train.loop import (
     TrainConfig,
     TrainResult,
     check_classes,
-    check_resume_checkpoint,
     fit,
     load_data,
     read_resume_state,
+    resume_model,
     seed_all,
     set_criterion,
     train_loader,
@@ -307,9 +307,7 @@ def _run_stage(model: nn.Module, teacher: nn.Module, data: Data, config: TrainCo
 
 
 def _resume_model(config: TrainConfig, state: dict[str, Any]) -> nn.Module:
-    ckpt = load_checkpoint(Path(config.output_dir) / CHECKPOINT_NAME)
-    check_resume_checkpoint(ckpt.meta, state, ckpt.path)
-    return ckpt.model
+    return resume_model(load_checkpoint(Path(config.output_dir) / CHECKPOINT_NAME), state)
 
 
 def _say(env: D.DistEnv, message: str) -> None:

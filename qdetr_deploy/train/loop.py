@@ -8,7 +8,8 @@ of ``lr_drop`` (upstream's StepLR at 200 is ``lr_drop=(200,)``; the paper's COCO
 Every epoch (and when the budget ends mid-epoch) rank 0 writes, in ``output_dir``:
 - ``checkpoint.safetensors``: the model (``save_checkpoint``; quantized models keep their QuantConfig);
   ``meta`` holds the epoch, step and latest metrics;
-- ``train_state.pt``: optimizer, scheduler, epoch, step, samples consumed in the epoch and every rank's RNG
+- ``train_state.pt``: a copy of the model weights (a run killed between the two writes resumes exactly
+  from this file), optimizer, scheduler, epoch, step, samples consumed in the epoch and every rank's RNG
   states, plain tensors and containers only (``torch.load(weights_only=True)`` reads it), written atomically
   after the checkpoint; ``--resume`` checks both name the same step and continues exactly: the sampler skips
   what the epoch already consumed and augmentation is seeded per sample (``distributed.SeededDataset``);
@@ -321,11 +322,22 @@ def read_resume_state(config: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def check_resume_checkpoint(meta: dict[str, Any], state: dict[str, Any], path: Path) -> None:
-    """The model checkpoint and the training state must come from the same save."""
-    if meta.get("step") != state["step"]:
-        raise QDetrError(f"checkpoint is at step {meta.get('step')} but {STATE_NAME} at step {state['step']} "
-                         "(a save was interrupted): cannot resume exactly", path)
+def resume_model(ckpt: Any, state: dict[str, Any]) -> nn.Module:
+    """The model at the training state's step.
+
+    A save writes the checkpoint, then the training state (which carries its own copy of the weights). A run
+    killed between the two leaves a checkpoint one save ahead: the state's weights win, so the run resumes
+    exactly from the state's step.
+    """
+    from qdetr_deploy.checkpoints import load_state
+
+    if ckpt.meta.get("step") == state["step"]:
+        return ckpt.model
+    if "model" not in state:
+        raise QDetrError(f"checkpoint is at step {ckpt.meta.get('step')} but {STATE_NAME} at step "
+                         f"{state['step']} (a save was interrupted): cannot resume exactly", ckpt.path)
+    load_state(ckpt.model, state["model"], ckpt.path)
+    return ckpt.model
 
 
 def _prepare_output(config: TrainConfig, extra: dict[str, Any], resumed: bool, env: D.DistEnv) -> Path:
@@ -567,6 +579,7 @@ class _Run:
                 save_checkpoint(self.model, self.out / f"checkpoint_epoch{p.epoch:04d}.safetensors",
                                 self.data.category_ids, meta)
             state = {"format": STATE_FORMAT, "epoch": p.epoch, "step": p.step, "samples_in_epoch": p.start,
+                     "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": rngs, "metrics": p.metrics, "metrics_step": p.metrics_step,
                      "world_size": self.env.world_size, "config": self.config.to_dict()}
@@ -658,8 +671,8 @@ def train(config: TrainConfig, arch: str = "detr_r50", init: str | None = None,
         state = read_resume_state(config)
         if state is not None:
             ckpt = load_checkpoint(Path(config.output_dir) / CHECKPOINT_NAME)
-            check_resume_checkpoint(ckpt.meta, state, ckpt.path)
-            model, data = ckpt.model, load_data(config, ckpt.model.config.num_classes)
+            model = resume_model(ckpt, state)
+            data = load_data(config, model.config.num_classes)
             check_classes(model.config.num_classes, data, config)
         else:
             if config.resume and env.is_main:
