@@ -38,7 +38,7 @@ from torch import nn
 
 from qdetr_deploy.export.graph import DTYPE_NAMES, INT_DTYPES, ActRecord, GraphBuilder
 from qdetr_deploy.models.attention import MultiheadAttention
-from qdetr_deploy.models.backbone import FrozenBatchNorm2d
+from qdetr_deploy.models.backbone import batchnorm_affine
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
@@ -182,16 +182,11 @@ def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: st
 
 
 def norm_affine(norm: nn.Module | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(scale, shift) per channel of an eval-mode BatchNorm2d / FrozenBatchNorm2d."""
+    """(scale, shift) per channel of an eval-mode BatchNorm2d / FrozenBatchNorm2d, as numpy."""
     if norm is None:
         return None
-    if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-        raise TypeError(f"cannot fold {type(norm).__name__}")
-    eps = getattr(norm, "eps", 1e-5)
-    w = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-    b = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
-    scale = w.detach() * (norm.running_var + eps).rsqrt()
-    return _np(scale), _np(b.detach() - norm.running_mean * scale)
+    scale, shift = batchnorm_affine(norm)
+    return _np(scale), _np(shift)
 
 
 def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: str, *,
@@ -488,19 +483,6 @@ def backbone(ctx: Ctx, images: str, body: nn.Module, name: str, nxt: nn.Module |
             for i, block in enumerate(layer):
                 x = resnet_block(ctx, x, block, f"{name}.{layer_name}.{i}")
     return x
-
-
-def feature_size(body: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
-    """Spatial size of the backbone output for an input (H, W): the main-path convs and pools in order."""
-    h, w = size
-    for name, m in body.named_modules():
-        if "downsample" in name or not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            continue
-        k, s, p, dil = (m.kernel_size, m.stride, m.padding, m.dilation)
-        k, s, p, dil = (v if isinstance(v, tuple) else (v, v) for v in (k, s, p, dil))
-        h = (h + 2 * p[0] - dil[0] * (k[0] - 1) - 1) // s[0] + 1
-        w = (w + 2 * p[1] - dil[1] * (k[1] - 1) - 1) // s[1] + 1
-    return h, w
 
 
 # --- transformer -------------------------------------------------------------------------------------------

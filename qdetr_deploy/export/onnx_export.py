@@ -27,6 +27,7 @@ from qdetr_deploy.export import folding
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
+from qdetr_deploy.models.backbone import output_size
 from qdetr_deploy.quant.api import is_quantized
 
 FORMAT = "qdetr-onnx/1"
@@ -204,7 +205,7 @@ def _default_size(ckpt: Checkpoint) -> tuple[int, int]:
 
 def _constants(ctx: Ctx, model: nn.Module, size: tuple[int, int]) -> tuple[str, str, str]:
     """Sine position embedding [hw,1,D], query embedding [Q,1,D] and the zero decoder target [Q,1,D]."""
-    h, w = folding.feature_size(model.backbone[0].body, size)
+    h, w = output_size(model.backbone[0].body, size)
     if h < 1 or w < 1:
         raise QDetrError(f"input size {size[0]}x{size[1]} is too small for this backbone")
     pos = model.backbone[1](torch.zeros(1, h, w, dtype=torch.bool))  # [1,D,h,w]

@@ -45,7 +45,7 @@ from qdetr_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path, check_output_path
 from qdetr_deploy.models.attention import MultiheadAttention
-from qdetr_deploy.models.backbone import FrozenBatchNorm2d
+from qdetr_deploy.models.backbone import FrozenBatchNorm2d, batchnorm_affine, output_size
 from qdetr_deploy.models.postprocess import postprocess
 from qdetr_deploy.quant.api import is_quantized
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
@@ -254,15 +254,6 @@ def _kernel_reason(layer: nn.Module, spec: ActSpec | str, bits: int) -> str | No
     return None
 
 
-def norm_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(g, b)`` with ``norm(y) = y * g + b`` of an eval-mode BatchNorm2d/FrozenBatchNorm2d."""
-    eps = getattr(norm, "eps", 1e-5)
-    w = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-    b = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
-    g = w.detach().float() * (norm.running_var.float() + eps).rsqrt()
-    return g, b.detach().float() - norm.running_mean.float() * g
-
-
 def _following_norm(parent: nn.Module, child: str) -> str | None:
     """Name of the BatchNorm right after conv ``child`` in ``parent`` (Sequential order, or convN -> bnN)."""
     names = list(parent._modules)
@@ -318,7 +309,7 @@ def _convert_conv(parent: nn.Module, child: str, name: str, bits: int, conv: Con
     norm_name = _following_norm(parent, child)
     affine = None
     if norm_name is not None:  # any sign folds: the epilogue scales the integer result, no codes
-        affine = norm_affine(parent._modules[norm_name])
+        affine = batchnorm_affine(parent._modules[norm_name])
         parent._modules[norm_name] = nn.Identity()
     conv.int_layers.append(name)
     parent._modules[child] = IntConv2d(layer, spec, affine)
@@ -366,19 +357,6 @@ def cast_float_modules(model: nn.Module, dtype: torch.dtype) -> None:
 
 # --- the contract wrapper ------------------------------------------------------------------------------
 
-def feature_size(body: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
-    """Spatial size of the backbone output for an input (H, W): the main-path convs and pools in order."""
-    h, w = size
-    for name, m in body.named_modules():
-        if "downsample" in name or not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            continue
-        k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in (m.kernel_size, m.stride, m.padding,
-                                                                      m.dilation))
-        h = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-        w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    return h, w
-
-
 class DetrEngineModule(nn.Module):
     """The ONNX contract in torch: ``images [B,3,H,W]`` float32 -> ``(scores, labels, boxes)`` (canvas
     pixels) or ``(pred_logits, pred_boxes)``; no mask (padding is part of the canvas), so the sine position
@@ -387,7 +365,7 @@ class DetrEngineModule(nn.Module):
     def __init__(self, model: nn.Module, size: tuple[int, int], with_postprocess: bool = True) -> None:
         super().__init__()
         body = model.backbone[0].body
-        h, w = feature_size(body, size)
+        h, w = output_size(body, size)
         pos = model.backbone[1](torch.zeros(1, h, w, dtype=torch.bool)).flatten(2).permute(2, 0, 1)
         self.register_buffer("pos", pos.contiguous().clone())  # [hw,1,D]
         self.register_buffer("query_pos", model.query_embed.weight.detach()[:, None, :].clone())  # [Q,1,D]

@@ -148,3 +148,28 @@ def build_backbone(name: str, hidden_dim: int, train_backbone: bool = True, dila
     else:
         backbone = Backbone(name, train_backbone, dilation)
     return Joiner(backbone, build_position_encoding(hidden_dim))
+
+
+def batchnorm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float32 ``(scale, shift)`` with ``norm(y) = y * scale + shift`` for an eval-mode
+    ``BatchNorm2d`` or ``FrozenBatchNorm2d``: the one folding rule export and the GPU engine both use."""
+    if not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+        raise TypeError(f"cannot fold {type(norm).__name__}")
+    eps = getattr(norm, "eps", 1e-5)
+    w = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    b = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+    scale = w.detach().float() * (norm.running_var.float() + eps).rsqrt()
+    return scale, b.detach().float() - norm.running_mean.float() * scale
+
+
+def output_size(body: nn.Module, size: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size of a backbone body's output for an input (H, W): main-path convs and pools in order."""
+    h, w = size
+    for name, m in body.named_modules():
+        if "downsample" in name or not isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            continue
+        k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in (m.kernel_size, m.stride, m.padding,
+                                                                      m.dilation))
+        h = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        w = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return h, w
