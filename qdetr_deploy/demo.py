@@ -132,7 +132,10 @@ def _export(teacher: dict, student: dict, data: dict, workdir: Path, s: DemoSett
         report = check_onnx(result.path, loaded.model, images)
         out[name] = {"onnx": str(result.path), "check_passed": report.passed,
                      "max_box_diff": report.max_box_diff, "max_prob_diff": report.max_prob_diff,
-                     "code_agreement": report.code_agreement if report.codes_compared else None}
+                     "code_agreement": report.code_agreement if report.codes_compared else None,
+                     "layer_max_box_diff": report.layer_box_diff,
+                     "layer_max_prob_diff": report.layer_prob_diff,
+                     "layer_code_agreement": report.layer_code_agreement if report.codes_compared else None}
     return out
 
 
@@ -192,7 +195,11 @@ def format_table(summary: dict) -> str:
         if not isinstance(e, dict):
             continue
         codes = "" if e["code_agreement"] is None else f", {100 * e['code_agreement']:.3f}% of codes equal"
-        verdict = "passed" if e["check_passed"] else "FAILED (see docs/BENCHMARKS.md, parity)"
-        lines.append(f"export --check {name} against PyTorch on 8 val images: {verdict}: max box diff "
-                     f"{e['max_box_diff']:.1e}, max prob diff {e['max_prob_diff']:.1e}{codes}")
+        verdict = "passed" if e["check_passed"] else "FAILED"
+        line = (f"export --check {name} against PyTorch on 8 val images: {verdict}; end to end: max box diff "
+                f"{e['max_box_diff']:.1e}, max prob diff {e['max_prob_diff']:.1e}{codes}")
+        if e.get("layer_code_agreement") is not None:
+            line += (f"; per layer: max box diff {e['layer_max_box_diff']:.1e}, max prob diff "
+                     f"{e['layer_max_prob_diff']:.1e}, {100 * e['layer_code_agreement']:.4f}% of codes equal")
+        lines.append(line)
     return "\n".join(lines)

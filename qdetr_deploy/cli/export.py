@@ -32,11 +32,15 @@ import click
 @click.option("--check-images", type=click.Path(), help="Images for --check (default: random ones).")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="--check: largest allowed difference of class probabilities and normalised boxes.")
+@click.option("--check-criterion", type=click.Choice(["layer", "end-to-end"]), default="layer",
+              show_default=True, help="--check: layer: every layer matches given the same quantized inputs; "
+              "end-to-end: the whole network too.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[int, int] | None, batch: int,
                dynamic_batch: bool, postprocess: bool, weight_container: str | None, conv_bias: str | None,
                strict_trt: bool,
-               check: bool, check_images: str | None, tolerance: float, trust_checkpoint: bool) -> None:
+               check: bool, check_images: str | None, tolerance: float, check_criterion: str,
+               trust_checkpoint: bool) -> None:
     """Export CKPT (a quantized or float checkpoint) to an ONNX model for TARGET."""
     from qdetr_deploy.checkpoints import load_checkpoint
     from qdetr_deploy.export.calibration import list_images
@@ -56,15 +60,15 @@ def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[i
     for name, reason in result.fallbacks:
         click.echo(f"  float fake-quant fallback {name}: {reason}")
     if check:
-        _check(result, loaded.model, files, tolerance)
+        _check(result, loaded.model, files, tolerance, check_criterion)
 
 
-def _check(result, model, files, tolerance: float) -> None:
+def _check(result, model, files, tolerance: float, criterion: str) -> None:
     from qdetr_deploy.export.calibration import load_images
     from qdetr_deploy.export.check import check_onnx
 
     images = load_images(files, tuple(result.metadata["input_size"])) if files else None
-    report = check_onnx(result.path, model, images, tolerance=tolerance)
+    report = check_onnx(result.path, model, images, tolerance=tolerance, criterion=criterion)
     click.echo(report.table())
     if not report.passed:
         click.echo("check failed: " + "; ".join(report.failures), err=True)

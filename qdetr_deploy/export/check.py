@@ -1,11 +1,28 @@
 """Parity check of an exported model: ONNX checker, an ONNX Runtime session, and the same images through
-PyTorch fake-quant and ONNX Runtime.
+PyTorch fake-quant and ONNX Runtime, compared two ways on the same batches.
 
-Compared: class probabilities (softmax of the logits, no-object included) and normalised boxes
-(cx,cy,w,h), taken from the graph's internal head outputs and from its final outputs (post-processed
-boxes are divided by the canvas size), and the integer codes of every activation quantizer: in ONNX the
-QuantizeLinear outputs (or the Clip of a float fake-quant subgraph) are exposed as extra outputs of a
-copy of the model; in PyTorch forward hooks on each ActQuantizer compute ``lsq.act_codes``.
+End to end: PyTorch and ONNX Runtime each run the whole network on their own codes. Compared: class
+probabilities (softmax of the logits, no-object included) and normalised boxes (cx,cy,w,h), taken from the
+graph's internal head outputs and from its final outputs (post-processed boxes are divided by the canvas
+size), and the integer codes of every activation quantizer: in ONNX the QuantizeLinear outputs (or the Clip
+of a float fake-quant subgraph) are exposed as extra outputs of a copy of the model; in PyTorch forward
+hooks on each ActQuantizer compute ``lsq.act_codes``. PyTorch and ONNX Runtime sum floats in different
+orders, so now and then a quantizer input lands within an ulp of a rounding boundary and gets the
+neighbouring code; at 4 bits that one flip changes every later layer's input and the end-to-end figures
+cannot tell the cascade from a folding error.
+
+Per layer ("teacher forced"): PyTorch runs again with every ActQuantizer's output replaced by ONNX
+Runtime's codes for it, dequantized exactly as ``lsq.fake_quant_act`` does (``(c - z) * a``; bit-identical
+to the fake-quant output wherever the codes agree), while its own codes are still computed from the
+quantizer's input. Every layer is then compared given the same quantized inputs, so a flip cannot cascade
+and float-only paths (LayerNorm, residual streams, heads) differ by float rounding alone; compared are the
+same probabilities and boxes (those of the probe copy, whose codes were forced) and every quantizer's codes,
+each quantizer on its own (a folding error shows as codes that disagree right after the broken layer).
+The deployed graph's own outputs, which ONNX Runtime may run through fused integer kernels, enter the
+end-to-end figures only.
+
+Pass criterion: ``criterion="layer"`` (default) needs the ONNX checker, the TensorRT lint when run and the
+per-layer bars; ``"end-to-end"`` needs the end-to-end bars as well.
 """
 
 from __future__ import annotations
@@ -27,14 +44,23 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.onnx_export import QUANTIZERS_KEY
 from qdetr_deploy.export.trt_lint import LintViolation, lint_tensorrt
 from qdetr_deploy.quant.api import act_quantizers
-from qdetr_deploy.quant.lsq import act_codes
+from qdetr_deploy.quant.lsq import act_codes, positive_step
 
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+CRITERIA = ("layer", "end-to-end")
 
 
 @dataclass
 class CheckReport:
-    """Outcome of :func:`check_onnx`; ``passed`` when every criterion holds."""
+    """Outcome of :func:`check_onnx`; ``passed`` when every bar of ``criterion`` holds.
+
+    End to end (each side on its own codes): ``max_prob_diff``, ``max_box_diff``, ``label_agreement``,
+    ``codes_equal`` of ``codes_compared``, ``worst_quantizers``, ``first_mismatch``. Per layer (PyTorch's
+    quantizer outputs replaced by ONNX Runtime's codes): the ``layer_`` fields, over the same codes;
+    ``layer_mismatches`` lists (quantizer, codes equal, codes) of every quantizer with a differing code, in
+    graph order. The per-layer code bar holds for each quantizer on its own (a folding error in one small
+    layer must not hide in the total).
+    """
 
     passed: bool
     checker_ok: bool
@@ -51,24 +77,69 @@ class CheckReport:
     first_mismatch: tuple[str, int, int] | None = None  # (quantizer, codes equal, codes) first in graph order
     lint: list[LintViolation] | None = None
     failures: list[str] = field(default_factory=list)
+    criterion: str = "layer"
+    layer_prob_diff: float = 0.0
+    layer_box_diff: float = 0.0
+    layer_label_agreement: float = 1.0
+    layer_codes_equal: int = 0
+    layer_first_mismatch: tuple[str, int, int] | None = None
+    layer_mismatches: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def code_agreement(self) -> float:
         return self.codes_equal / self.codes_compared if self.codes_compared else 1.0
 
+    @property
+    def layer_code_agreement(self) -> float:
+        return self.layer_codes_equal / self.codes_compared if self.codes_compared else 1.0
+
+    @property
+    def layer_worst_quantizers(self) -> list[tuple[str, float]]:
+        """(quantizer, per-layer code agreement), worst first, at most 10 (only quantizers with a flip)."""
+        return sorted(((n, e / t) for n, e, t in self.layer_mismatches), key=lambda r: r[1])[:10]
+
+    @property
+    def layer_failing_quantizers(self) -> list[tuple[str, int, int]]:
+        """Quantizers whose per-layer code agreement is below ``min_code_agreement``, in graph order."""
+        return [(n, e, t) for n, e, t in self.layer_mismatches if e < self.min_code_agreement * t]
+
+    @property
+    def end_to_end_ok(self) -> bool:
+        """The end-to-end figures are within the bars (a criterion only with ``criterion="end-to-end"``)."""
+        return (self.max_prob_diff <= self.tolerance and self.max_box_diff <= self.tolerance
+                and self.code_agreement >= self.min_code_agreement)
+
+    @property
+    def layer_ok(self) -> bool:
+        """The per-layer figures are within the bars."""
+        return (self.layer_prob_diff <= self.tolerance and self.layer_box_diff <= self.tolerance
+                and not self.layer_failing_quantizers)
+
     def table(self) -> str:
-        """A short human-readable table."""
+        """A short human-readable table: end-to-end rows, then per-layer rows."""
         ok = lambda good: "ok" if good else "FAIL"  # noqa: E731
+        e2e_mark = ok if self.criterion == "end-to-end" else (lambda good: "ok" if good else "over")
+        tol = f"(tol {self.tolerance:g})"
+        codes = lambda agree: (f"{100 * agree:.4f}% of {self.codes_compared} "  # noqa: E731
+                               f"(min {100 * self.min_code_agreement:g}%)")
         rows = [
             ("onnx.checker (full_check)", "passed" if self.checker_ok else self.checker_error,
              ok(self.checker_ok)),
-            ("max |prob diff|", f"{self.max_prob_diff:.3g} (tol {self.tolerance:g})",
-             ok(self.max_prob_diff <= self.tolerance)),
-            ("max |box diff| (normalised)", f"{self.max_box_diff:.3g} (tol {self.tolerance:g})",
-             ok(self.max_box_diff <= self.tolerance)),
-            ("labels equal", f"{100 * self.label_agreement:.2f}%", ""),
-            ("integer codes equal", f"{100 * self.code_agreement:.4f}% of {self.codes_compared} "
-             f"(min {100 * self.min_code_agreement:g}%)", ok(self.code_agreement >= self.min_code_agreement)),
+            ("end to end: max |prob diff|", f"{self.max_prob_diff:.3g} {tol}",
+             e2e_mark(self.max_prob_diff <= self.tolerance)),
+            ("end to end: max |box diff| (normalised)", f"{self.max_box_diff:.3g} {tol}",
+             e2e_mark(self.max_box_diff <= self.tolerance)),
+            ("end to end: labels equal", f"{100 * self.label_agreement:.2f}%", ""),
+            ("end to end: integer codes equal", codes(self.code_agreement),
+             e2e_mark(self.code_agreement >= self.min_code_agreement)),
+            ("per layer: max |prob diff|", f"{self.layer_prob_diff:.3g} {tol}",
+             ok(self.layer_prob_diff <= self.tolerance)),
+            ("per layer: max |box diff| (normalised)", f"{self.layer_box_diff:.3g} {tol}",
+             ok(self.layer_box_diff <= self.tolerance)),
+            ("per layer: labels equal", f"{100 * self.layer_label_agreement:.2f}%", ""),
+            ("per layer: integer codes equal", f"{100 * self.layer_code_agreement:.4f}% of "
+             f"{self.codes_compared} (min {100 * self.min_code_agreement:g}% in every quantizer)",
+             ok(not self.layer_failing_quantizers)),
         ]
         if self.lint is not None:
             rows.append(("TensorRT lint", f"{len(self.lint)} violations", ok(not self.lint)))
@@ -77,11 +148,33 @@ class CheckReport:
         lines += [f"  lint {v.node}: {v.rule}: {v.message}" for v in (self.lint or [])[:20]]
         if self.first_mismatch is not None:
             name, eq, total = self.first_mismatch
-            lines.append(f"  first disagreement {name}: {total - eq} of {total} codes (later ones may be its "
-                         "cascade: a value within float rounding of a code boundary)")
-        lines += [f"  worst codes {n}: {100 * a:.3f}%" for n, a in self.worst_quantizers if a < 1.0][:5]
-        lines.append(f"parity check {'PASSED' if self.passed else 'FAILED'} on {self.n_images} images")
+            lines.append(f"  end to end: first disagreement {name}: {total - eq} of {total} codes "
+                         "(later ones may be its cascade)")
+        lines += [f"  end to end: worst codes {n}: {100 * a:.3f}%" for n, a in self.worst_quantizers
+                  if a < 1.0][:5]
+        if self.layer_first_mismatch is not None:
+            name, eq, total = self.layer_first_mismatch
+            lines.append(f"  per layer: first disagreement {name}: {total - eq} of {total} codes")
+        counts = {n: (e, t) for n, e, t in self.layer_mismatches}
+        for n, a in self.layer_worst_quantizers[:5]:
+            e, t = counts[n]
+            lines.append(f"  per layer: worst codes {n}: {100 * a:.4f}% ({t - e} of {t} differ)")
+        if self.criterion == "layer" and self.passed and not self.end_to_end_ok:
+            lines.append(self._cascade_line())
+        criterion = "per layer" if self.criterion == "layer" else "end to end and per layer"
+        lines.append(f"parity check {'PASSED' if self.passed else 'FAILED'} on {self.n_images} images "
+                     f"(criterion: {criterion})")
         return "\n".join(lines)
+
+    def _cascade_line(self) -> str:
+        flips = self.codes_compared - self.layer_codes_equal
+        if self.first_mismatch is None:
+            return ("end to end: float rounding differences grow downstream; every layer matches given the "
+                    "same inputs")
+        name, eq, total = self.first_mismatch
+        return (f"end to end: {flips} code flip{'s' if flips != 1 else ''} from float rounding cascade "
+                f"downstream (first: {name}, {total - eq} of {total} codes); every layer matches given the "
+                "same inputs")
 
 
 def random_images(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -90,14 +183,55 @@ def random_images(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
     return torch.randn(n, 3, int(size[0]), int(size[1]), generator=g).numpy()
 
 
+class _Tally:
+    """Running maxima and counts of one comparison (end to end or per layer)."""
+
+    def __init__(self) -> None:
+        self.prob = self.box = 0.0
+        self.labels_equal = self.labels_total = self.codes_equal = self.codes_total = 0
+        self.per_q: dict[str, list[int]] = {}
+
+    def add(self, out: dict, pout: dict, records: dict, ref: dict, size: tuple[int, int]) -> None:
+        for (prob, ref_p), (box, ref_b) in _heads(out, pout, records, ref, size):
+            self.prob = max(self.prob, float(np.abs(prob - ref_p).max()))
+            self.box = max(self.box, float(np.abs(box - ref_b).max()))
+        if "labels" in out:
+            self.labels_equal += int((out["labels"] == ref["prob"][..., :-1].argmax(-1)).sum())
+            self.labels_total += out["labels"].size
+        for rec in records["acts"]:
+            eq, total = _compare_codes(pout[f"probe/{rec['module']}"], ref["codes"].get(rec["module"]), rec)
+            counts = self.per_q.setdefault(rec["module"], [0, 0])
+            counts[0] += eq
+            counts[1] += total
+            self.codes_equal, self.codes_total = self.codes_equal + eq, self.codes_total + total
+
+    @property
+    def label_agreement(self) -> float:
+        return self.labels_equal / self.labels_total if self.labels_total else 1.0
+
+    def worst(self) -> list[tuple[str, float]]:
+        return sorted(((n, e / t if t else 1.0) for n, (e, t) in self.per_q.items()), key=lambda r: r[1])[:10]
+
+    def mismatches(self) -> list[tuple[str, int, int]]:
+        return [(n, e, t) for n, (e, t) in self.per_q.items() if e != t]  # records are in graph order
+
+    def first(self) -> tuple[str, int, int] | None:
+        return next(iter(self.mismatches()), None)
+
+
 def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarray | None = None, *,
                tolerance: float = 1e-4, min_code_agreement: float = 0.999, lint: bool | None = None,
-               threads: int | None = None) -> CheckReport:
+               threads: int | None = None, criterion: str = "layer") -> CheckReport:
     """Check ``onnx_path`` (written by export_onnx) against ``model`` (the checkpoint's model, run in eval).
 
     ``images``: float32 [N,3,H,W] on the canvas (None: 2 batches of deterministic random images).
     ``lint``: run the TensorRT lint (default: when the model's target is tensorrt).
+    ``criterion``: "layer" passes on the onnx checker, the lint when run, and the per-layer (teacher-forced)
+    figures: probabilities and boxes within ``tolerance``, codes agreeing >= ``min_code_agreement``;
+    "end-to-end" also requires the same bars of the end-to-end figures.
     """
+    if criterion not in CRITERIA:
+        raise QDetrError(f"unknown check criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     path = Path(onnx_path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
@@ -116,35 +250,24 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
         images = np.resize(images, (-(-len(images) // batch) * batch, *images.shape[1:]))
     session = _session(proto.SerializeToString(), threads)
     probe = _session(_with_probes(proto, records).SerializeToString(), threads)
-    torch_out = _torch_run(as_exported(model, records), images, batch)
-    prob_diff = box_diff = 0.0
-    labels_equal = labels_total = 0
-    codes_equal, codes_total = 0, 0
-    per_q: dict[str, list[int]] = {}
-    for start in range(0, len(images), batch):
+    model = as_exported(model, records).eval()
+    e2e, layer = _Tally(), _Tally()
+    for start in range(0, len(images), batch):  # one batch at a time: the codes of a batch can be large
         x = images[start:start + batch]
-        ref = torch_out[start // batch]
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
         pout = dict(zip([o.name for o in probe.get_outputs()], probe.run(None, {"images": x})))
-        for (prob, ref_p), (box, ref_b) in _heads(out, pout, records, ref, (H, W)):
-            prob_diff = max(prob_diff, float(np.abs(prob - ref_p).max()))
-            box_diff = max(box_diff, float(np.abs(box - ref_b).max()))
-        if "labels" in out:
-            labels_equal += int((out["labels"] == ref["prob"][..., :-1].argmax(-1)).sum())
-            labels_total += out["labels"].size
-        for rec in records["acts"]:
-            eq, total = _compare_codes(pout[f"probe/{rec['module']}"], ref["codes"].get(rec["module"]), rec)
-            per_q.setdefault(rec["module"], [0, 0])
-            per_q[rec["module"]][0] += eq
-            per_q[rec["module"]][1] += total
-            codes_equal, codes_total = codes_equal + eq, codes_total + total
+        e2e.add(out, pout, records, _hooked_forward(model, x, {}, None), (H, W))  # fake quant, own codes
+        onnx_codes = {rec["module"]: pout[f"probe/{rec['module']}"] for rec in records["acts"]}
+        # the probe copy's own final outputs: the forced codes are that session's, whose kernels may differ
+        layer.add(pout, pout, records, forced_forward(model, x, onnx_codes, records), (H, W))
     do_lint = lint if lint is not None else records["target"] == "tensorrt"
-    worst = sorted(((n, e / t if t else 1.0) for n, (e, t) in per_q.items()), key=lambda r: r[1])[:10]
-    first = next(((n, e, t) for n, (e, t) in per_q.items() if e != t), None)  # records are in graph order
-    report = CheckReport(False, checker_ok, checker_error, len(images), prob_diff, box_diff,
-                         labels_equal / labels_total if labels_total else 1.0, codes_total, codes_equal,
-                         tolerance, min_code_agreement, worst, first,
-                         lint_tensorrt(proto) if do_lint else None)
+    report = CheckReport(False, checker_ok, checker_error, len(images), e2e.prob, e2e.box,
+                         e2e.label_agreement, e2e.codes_total, e2e.codes_equal, tolerance,
+                         min_code_agreement, e2e.worst(), e2e.first(),
+                         lint_tensorrt(proto) if do_lint else None, criterion=criterion,
+                         layer_prob_diff=layer.prob, layer_box_diff=layer.box,
+                         layer_label_agreement=layer.label_agreement, layer_codes_equal=layer.codes_equal,
+                         layer_first_mismatch=layer.first(), layer_mismatches=layer.mismatches())
     report.failures = _failures(report)
     report.passed = not report.failures
     return report
@@ -154,12 +277,24 @@ def _failures(r: CheckReport) -> list[str]:
     fails = []
     if not r.checker_ok:
         fails.append(f"onnx.checker: {r.checker_error}")
-    if r.max_prob_diff > r.tolerance:
-        fails.append(f"class probabilities differ by {r.max_prob_diff:.3g} > {r.tolerance:g}")
-    if r.max_box_diff > r.tolerance:
-        fails.append(f"boxes differ by {r.max_box_diff:.3g} > {r.tolerance:g}")
-    if r.code_agreement < r.min_code_agreement:
-        fails.append(f"only {100 * r.code_agreement:.3f}% of integer codes agree")
+    if r.layer_prob_diff > r.tolerance:
+        fails.append(f"per layer: class probabilities differ by {r.layer_prob_diff:.3g} > {r.tolerance:g}")
+    if r.layer_box_diff > r.tolerance:
+        fails.append(f"per layer: boxes differ by {r.layer_box_diff:.3g} > {r.tolerance:g}")
+    failing = r.layer_failing_quantizers
+    if failing:
+        name, eq, total = failing[0]
+        more = len(failing) - 1
+        more = f" (and {more} more quantizer{'s' if more > 1 else ''})" if more else ""
+        fails.append(f"per layer: only {100 * eq / total:.3f}% of the integer codes of {name} agree "
+                     f"({total - eq} of {total} differ){more}")
+    if r.criterion == "end-to-end":
+        if r.max_prob_diff > r.tolerance:
+            fails.append(f"end to end: class probabilities differ by {r.max_prob_diff:.3g} > {r.tolerance:g}")
+        if r.max_box_diff > r.tolerance:
+            fails.append(f"end to end: boxes differ by {r.max_box_diff:.3g} > {r.tolerance:g}")
+        if r.code_agreement < r.min_code_agreement:
+            fails.append(f"end to end: only {100 * r.code_agreement:.3f}% of integer codes agree")
     if r.lint:
         fails.append(f"{len(r.lint)} TensorRT lint violations")
     return fails
@@ -242,44 +377,81 @@ def as_exported(model: nn.Module, records: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def _torch_run(model: nn.Module, images: np.ndarray, batch: int) -> list[dict]:
-    """PyTorch fake-quant outputs and the codes of every ActQuantizer, one dict per batch."""
+def forced_forward(model: nn.Module, images: np.ndarray, onnx_codes: dict[str, np.ndarray], records: dict,
+                   *, keep_outputs: bool = False) -> dict:
+    """One teacher-forced PyTorch forward of ``images`` (one batch, float32 [B,3,H,W]).
+
+    Every ActQuantizer with an entry in ``onnx_codes`` (module name -> the graph's codes for it, as the probe
+    copy outputs them) still computes its own codes from its input, but its output becomes the graph's codes
+    dequantized as :func:`~qdetr_deploy.quant.lsq.fake_quant_act` does: ``(c - z) * a`` with ``c`` in
+    PyTorch's convention (minus the record's shift, the ``kT`` layout swapped back, broadcast to the input's
+    shape), ``z = round(zero_point)`` and ``a = positive_step(alpha)``; bit-identical to the fake-quant output
+    where the codes agree. Returns {"prob", "boxes", "codes"} like the end-to-end run, plus "outputs"
+    (module -> forced output tensor) when ``keep_outputs``.
+    """
+    forced = {rec["module"]: (onnx_codes[rec["module"]], rec) for rec in records["acts"]
+              if rec["module"] in onnx_codes}
+    outputs: dict[str, torch.Tensor] = {}
+    res = _hooked_forward(model, images, forced, outputs if keep_outputs else None)
+    if keep_outputs:
+        res["outputs"] = outputs
+    return res
+
+
+@torch.no_grad()
+def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tuple[np.ndarray, dict]],
+                    outputs: dict | None) -> dict:
+    """``model`` on one batch with hooks on every ActQuantizer: its codes (from its input) are recorded;
+    where ``forced`` has the graph's codes, they replace the quantizer's output."""
     model.eval()
     codes: dict[str, np.ndarray] = {}
 
     def hook(name):
-        def fn(mod, inputs, _output):
+        def fn(mod, inputs, output):
+            if mod.observer is not None:
+                return None
             x = inputs[0]
             qn, qp = mod.qrange()
-            c = act_codes(x, mod._view(mod.alpha, x), mod._view(mod.zero_point, x), qn, qp)
-            codes[name] = c.to(torch.int64).numpy()
+            alpha, zero_point = mod._view(mod.alpha, x), mod._view(mod.zero_point, x)
+            codes[name] = act_codes(x, alpha, zero_point, qn, qp).to(torch.int64).numpy()
+            if name in forced:
+                graph_codes, rec = forced[name]
+                c = _to_torch_codes(graph_codes, rec, tuple(x.shape))
+                q = torch.from_numpy(np.array(c)).to(output.dtype)
+                z, a = torch.round(zero_point), positive_step(alpha)  # as fake_quant_act, same order
+                output = (q - z) * a
+            if outputs is not None:
+                outputs[name] = output
+            return output
         return fn
 
     handles = [q.register_forward_hook(hook(n)) for n, q in act_quantizers(model)]
-    outs = []
     try:
-        for start in range(0, len(images), batch):
-            codes = {}
-            res = model(torch.from_numpy(images[start:start + batch]))
-            outs.append({"prob": res["pred_logits"].softmax(-1).numpy(), "boxes": res["pred_boxes"].numpy(),
-                         "codes": codes})
+        res = model(torch.from_numpy(np.ascontiguousarray(images, np.float32)))
     finally:
         for h in handles:
             h.remove()
-    return outs
+    return {"prob": res["pred_logits"].softmax(-1).numpy(), "boxes": res["pred_boxes"].numpy(),
+            "codes": codes}
+
+
+def _to_torch_codes(onnx_codes: np.ndarray, rec: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """The graph's codes of quantizer ``rec`` in PyTorch's convention: minus the dtype shift, the ``kT``
+    layout swapped back, broadcast to ``shape`` (PyTorch's input shape; int64, possibly a broadcast view)."""
+    shift = np.asarray(rec["shift"], np.int64)
+    if rec["axis"] is not None and shift.size > 1:
+        shift_shape = [1] * onnx_codes.ndim
+        shift_shape[rec["axis"]] = -1
+        shift = shift.reshape(shift_shape)
+    c = onnx_codes.astype(np.int64) - shift
+    if rec["layout"] == "kT":
+        c = np.swapaxes(c, -1, -2)
+    return np.broadcast_to(c, shape)
 
 
 def _compare_codes(onnx_codes: np.ndarray, torch_codes: np.ndarray | None, rec: dict) -> tuple[int, int]:
     """(equal, compared) between graph codes (minus the dtype shift) and PyTorch's."""
     if torch_codes is None:
         return 0, int(onnx_codes.size)
-    shift = np.asarray(rec["shift"], np.int64)
-    if rec["axis"] is not None and shift.size > 1:
-        shape = [1] * onnx_codes.ndim
-        shape[rec["axis"]] = -1
-        shift = shift.reshape(shape)
-    c = onnx_codes.astype(np.int64) - shift
-    if rec["layout"] == "kT":
-        c = np.swapaxes(c, -1, -2)
-    c = np.broadcast_to(c, torch_codes.shape)
+    c = _to_torch_codes(onnx_codes, rec, torch_codes.shape)
     return int((c == torch_codes).sum()), int(torch_codes.size)
