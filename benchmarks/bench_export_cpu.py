@@ -48,6 +48,7 @@ from qdetr_deploy.export.check import check_onnx, random_images  # noqa: E402
 from qdetr_deploy.export.onnx_export import QUANTIZERS_KEY, build_onnx, save_onnx  # noqa: E402
 from qdetr_deploy.models import build_detr, get_preset  # noqa: E402
 from qdetr_deploy.quant import QuantConfig, calibrate, quantize  # noqa: E402
+from qdetr_deploy.quant.api import residual_blocks  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 SECTION = "## Export and ONNX Runtime (CPU)"
@@ -99,16 +100,21 @@ def uncorrected_parity(path: Path, model: torch.nn.Module, images: np.ndarray, t
 
 def bench_model(preset: str, size: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
     fp = random_detr(preset)
-    q = quantize(copy.deepcopy(fp), QuantConfig.from_bits("4-4-8"))
-    calibrate(q, [torch.from_numpy(random_images(2, (size, size), seed=1))], progress=False)
-    q.eval()
     fp_path = tmp / f"{preset}_fp32.onnx"
     t_fp = export_timed(fp, size, fp_path)
-    paths, t_q = {"fp32": fp_path}, {}
-    for mode in args.conv_bias:
-        paths[mode] = tmp / f"{preset}_w4a4_int8_{mode}.onnx"
-        t_q[mode] = export_timed(q, size, paths[mode], weight_container="int8", target="onnxruntime",
-                                 conv_bias=mode)
+    has_blocks = any(True for _ in residual_blocks(fp))
+    residual = args.residual_bits if has_blocks else ["none"]
+    variants = [(rb, mode) for rb in residual for mode in args.conv_bias]
+    paths, t_q, models = {"fp32": fp_path}, {}, {}
+    for rb in {rb for rb, _ in variants}:
+        config = QuantConfig.from_bits("4-4-8", residual_bits=None if rb == "none" else int(rb))
+        q = quantize(copy.deepcopy(fp), config)
+        calibrate(q, [torch.from_numpy(random_images(2, (size, size), seed=1))], progress=False)
+        models[rb] = q.eval()
+    for rb, mode in variants:
+        paths[(rb, mode)] = tmp / f"{preset}_w4a4_int8_res{rb}_{mode}.onnx"
+        t_q[(rb, mode)] = export_timed(models[rb], size, paths[(rb, mode)], weight_container="int8",
+                                       target="onnxruntime", conv_bias=mode)
     images = random_images(1, (size, size), seed=2)
     sessions = {name: ort.InferenceSession(str(p), sess_options=session_options(args.threads, "all"),
                                            providers=["CPUExecutionProvider"]) for name, p in paths.items()}
@@ -116,16 +122,16 @@ def bench_model(preset: str, size: int, args: argparse.Namespace, tmp: Path) -> 
     times = interleaved(runners, args.warmup, args.iters)
     med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     rows = []
-    for mode in args.conv_bias:
-        kernels = kernel_summary(paths[mode], tmp, args.threads)
-        report = check_onnx(paths[mode], q, images, threads=args.threads)
-        raw = uncorrected_parity(paths[mode], q, images, args.threads) if mode == "int32" else None
-        rows.append({"model": preset, "size": size, "conv_bias": mode, "export_fp_s": t_fp,
-                     "export_q_s": t_q[mode], "fp_ms": med["fp32"], "int8_ms": med[mode],
-                     "speedup": med["fp32"] / med[mode], "fp_mb": fp_path.stat().st_size / 1e6,
-                     "q_mb": paths[mode].stat().st_size / 1e6, "kernels": kernels,
-                     "prob_diff": report.max_prob_diff, "box_diff": report.max_box_diff,
-                     "codes": report.code_agreement, "passed": report.passed, "raw": raw})
+    for rb, mode in variants:
+        path, q = paths[(rb, mode)], models[rb]
+        kernels = kernel_summary(path, tmp, args.threads)
+        report = check_onnx(path, q, images, threads=args.threads)
+        raw = uncorrected_parity(path, q, images, args.threads) if mode == "int32" else None
+        rows.append({"model": preset, "size": size, "residual_bits": rb, "conv_bias": mode,
+                     "export_fp_s": t_fp,
+                     "export_q_s": t_q[(rb, mode)], "fp_ms": med["fp32"], "int8_ms": med[(rb, mode)],
+                     "speedup": med["fp32"] / med[(rb, mode)], "fp_mb": fp_path.stat().st_size / 1e6,
+                     "q_mb": path.stat().st_size / 1e6, "kernels": kernels, "report": report, "raw": raw})
     return rows
 
 
@@ -140,19 +146,28 @@ def machine() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | input | conv bias | export fp32 / 4-4-8 (s) | size fp32 / 4-4-8 (MB) "
+    head = ("| model | input | residual bits | conv bias | export fp32 / 4-4-8 (s) | size fp32 / 4-4-8 (MB) "
             "| ORT fp32 median (ms) | ORT int8-container 4-4-8 median (ms) | speed-up | integer kernels "
-            "| parity (prob / box / codes) |")
-    lines = [head, "|" + " --- |" * 10]
+            "| parity end to end (prob / box / codes) | parity per layer (prob / box / codes) |")
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
-        k = r["kernels"]
+        k, rep = r["kernels"], r["report"]
         lines.append(
-            f"| {r['model']} | {r['size']}x{r['size']} | {r['conv_bias']} | "
+            f"| {r['model']} | {r['size']}x{r['size']} | {r['residual_bits']} | {r['conv_bias']} | "
             f"{r['export_fp_s']:.2f} / {r['export_q_s']:.2f} | "
             f"{r['fp_mb']:.1f} / {r['q_mb']:.1f} | {r['fp_ms']:.2f} | {r['int8_ms']:.2f} | "
             f"{r['speedup']:.2f}x | {k['integer']} of {k['integer'] + k['float']} | "
-            f"{r['prob_diff']:.1e} / {r['box_diff']:.1e} / {100 * r['codes']:.3f}% |")
+            f"{rep.max_prob_diff:.1e} / {rep.max_box_diff:.1e} / {100 * rep.code_agreement:.3f}% | "
+            f"{_layer(rep)} |")
     return "\n".join(lines)
+
+
+def _layer(rep) -> str:
+    """Per-layer (ONNX Runtime codes fed forward) figures of a CheckReport, when it has them."""
+    if not hasattr(rep, "layer_prob_diff"):
+        return "n/a"
+    agreement = rep.layer_codes_equal / rep.codes_compared if rep.codes_compared else 1.0
+    return f"{rep.layer_prob_diff:.1e} / {rep.layer_box_diff:.1e} / {100 * agreement:.3f}%"
 
 
 def kernel_lines(rows: list[dict]) -> str:
@@ -161,7 +176,8 @@ def kernel_lines(rows: list[dict]) -> str:
         k = r["kernels"]
         ops = ", ".join(f"{n} {op}" for op, n in sorted(k["by_op"].items()))
         reasons = "; ".join(f"{n}x {reason}" for reason, n in sorted(k["float_reasons"].items()))
-        out.append(f"- {r['model']} (conv bias {r['conv_bias']}): {ops}. Float because: {reasons}.")
+        out.append(f"- {r['model']} (residual bits {r['residual_bits']}, conv bias {r['conv_bias']}): {ops}. "
+                   f"Float because: {reasons}.")
         if r.get("raw"):
             p, b, c = r["raw"]
             out.append(f"  Parity against the model without the bias rounding: {p:.1e} / {b:.1e} / "
@@ -188,6 +204,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=[f"{m}:{s}" for m, s in MODELS], help="preset:size ...")
     ap.add_argument("--conv-bias", nargs="+", choices=["float", "int32"], default=["float", "int32"],
                     help="conv-bias modes of the int8-container export to time (default: both)")
+    ap.add_argument("--residual-bits", nargs="+", choices=["none", "8"], default=["none", "8"],
+                    help="QuantConfig.residual_bits of the ResNet models' students (default: both)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,10 +249,13 @@ What the numbers say (the explanation does not change from run to run; the table
   next quantized conv gets its folded bias as INT32 on the grid and `Conv -> Relu -> QuantizeLinear(uint8,
   zero point 0)` after it (plus the next quantizer's own Clip/Q/DQ when its codes are narrower than uint8),
   which onnxruntime fuses into QLinearConv: detr_tiny's stem, layer1 and layer2 (layer3 feeds the float
-  input_proj); in ResNet blocks conv1 (and conv2 of a Bottleneck). The last conv of a block meets the float
-  residual add before its ReLU, the stem's output also feeds the float identity path of layer1.0, and the
-  downsample and input_proj convs are float in the model: those stay float Convs. On detr_r18 that is 8 of
-  the 21 convs, which is why the 1.5x goal is still not reached on this CPU.
+  input_proj); in ResNet blocks conv1 (and conv2 of a Bottleneck). The last conv of a block meets the
+  residual add before its ReLU: with the paper's full-precision residual adds (residual bits "none") it
+  stays a float Conv; with `qdetr-deploy quantize --residual-bits 8` (QuantConfig.residual_bits) the block's
+  last batch norm quantizes the residual branch to 8 bits, the conv feeds that QuantizeLinear (uint8, zero
+  point shifted by 128) directly and becomes QLinearConv too. The stem's output also feeds the float
+  identity path of layer1.0, and the downsample and input_proj convs are full precision in the method
+  (QDETR_METHOD.md section 1): those 5 stay float Convs on a ResNet.
 - Parity. The integer path is exact by construction (tests: differences <= 2e-7, 100% equal codes), but
   PyTorch and onnxruntime sum floats in different orders (and MatMulIntegerToFloat sums exactly in int32):
   a quantizer input a few ulps from a rounding boundary now and then gets the neighbouring code, and in a

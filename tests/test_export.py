@@ -358,3 +358,66 @@ def test_int32_conv_bias_rounding_is_bounded_and_float_is_default(students: dict
     result = CliRunner().invoke(cli, ["export", str(students["4-4-8"]), "-o", "/nonexistent/x.onnx",
                                       "--conv-bias", "bogus"])
     assert result.exit_code == 2
+
+
+# --- QuantConfig.residual_bits: the last conv of a ResNet block on integer kernels ------------------------
+
+def _r18_residual(size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_detr(get_preset("detr_r18")).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.3, 1.0)
+                m.bias.normal_(0, 0.05)
+    quantize(model, QuantConfig.from_bits("4-4-8", residual_bits=8))
+    return calibrate(model, [torch.randn(1, 3, size, size)], progress=False).eval()
+
+
+def test_residual_quantizer_runs_every_block_conv_as_qlinearconv(tmp_path: Path) -> None:
+    """DETR-R18 with residual_bits=8 at 64x64: the checkpoint keeps upstream names plus bnN.out_act, the
+    int32-bias export matches PyTorch, and onnxruntime runs both convs of every block as QLinearConv; the
+    stem, the full-precision downsample convs and input_proj stay float Convs."""
+    from qdetr_deploy.engines.onnxruntime import (
+        integer_kernel_report,
+        kernel_report_summary,
+        session_options,
+    )
+
+    model = _r18_residual(64)
+    meta = {"calibration": {"image_size": [64, 64]}}
+    path = save_checkpoint(model, tmp_path / "r18.safetensors", meta=meta)
+    loaded = load_checkpoint(path)
+    assert loaded.model.quant_config.residual_bits == 8
+    keys = loaded.model.state_dict().keys()
+    assert {"backbone.0.body.layer4.1.bn2.weight", "backbone.0.body.layer4.1.bn2.out_act.alpha"} <= set(keys)
+    assert sum(k.endswith("out_act.alpha") for k in keys) == 8  # one per BasicBlock
+    result = export_onnx(loaded, tmp_path / "r18.onnx", weight_container="int8", conv_bias="int32")
+    report = check_onnx(result.path, loaded.model, random_images(1, (64, 64), seed=3))
+    assert report.passed, report.table()
+    records = json.loads(_props(result.path)[onnx_export.QUANTIZERS_KEY])
+    assert {n for n, why in records["int_convs"].items() if not why} == {
+        f"backbone.0.body.layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)}
+    so = session_options(1, "extended")
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(result.path), sess_options=so, providers=["CPUExecutionProvider"])
+    ops = kernel_report_summary(integer_kernel_report(onnx.load(so.optimized_model_filepath)))["by_op"]
+    assert ops["QLinearConv"] == 16 and ops["Conv"] == 5, ops
+
+
+def test_residual_quantizer_without_the_option_and_for_tensorrt(tmp_path: Path) -> None:
+    """No residual quantizer by default (the paper's full-precision residual adds); with one, the TensorRT
+    export keeps it as int8 Q/DQ (zero point 0) on the add's input and passes the lint."""
+    assert QuantConfig().residual_bits is None
+    plain = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8"))
+    assert not any(n.endswith("out_act") for n, _ in plain.named_modules())
+    model = _r18_residual(64)
+    meta = {"calibration": {"image_size": [64, 64]}}
+    path = save_checkpoint(model, tmp_path / "r18.safetensors", meta=meta)
+    result = export_onnx(path, tmp_path / "trt.onnx", target="tensorrt")
+    assert not [n for n, _ in result.fallbacks if "out_act" in n]
+    names = {n.name for n in onnx.load(str(result.path)).graph.node}
+    assert "backbone.0.body.layer1.0.bn2.out_act/QuantizeLinear" in names
+    report = check_onnx(result.path, model, random_images(1, (64, 64), seed=4))
+    assert report.passed and report.lint == [], report.table()

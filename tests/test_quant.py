@@ -166,5 +166,28 @@ def test_bad_config_values() -> None:
         QuantConfig(da="encoder")
     with pytest.raises(QDetrError):
         QuantConfig.from_bits("4bit")
-    cfg = QuantConfig.from_bits("3-3-8", da="cross")
+    with pytest.raises(QDetrError, match="residual_bits=5"):
+        QuantConfig(residual_bits=5)
+    cfg = QuantConfig.from_bits("3-3-8", da="cross", residual_bits=8)
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    legacy = cfg.to_dict()
+    del legacy["residual_bits"]  # a checkpoint written before the field existed
+    assert QuantConfig.from_dict(legacy).residual_bits is None
+
+
+def test_residual_quantizer_on_resnet_blocks() -> None:
+    """residual_bits=8: the last batch norm of every ResNet block quantizes its output (the residual
+    branch, before the add), per tensor, on the 8-bit grid; upstream parameter names are kept."""
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
+    block = model.backbone[0].body.layer2[0]
+    assert block.bn2.out_act.bits == 8 and not hasattr(block.bn1, "out_act")
+    assert {"weight", "bias", "running_mean", "running_var"} <= set(dict(block.bn2.named_buffers()))
+    calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False)
+    model.eval()
+    seen = {}
+    block.bn2.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))  # the block adds in place
+    model(torch.randn(1, 3, 64, 64))
+    p = block.bn2.out_act.qparams()
+    codes = seen["out"] / p.step + p.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= p.qmin and codes.max() <= p.qmax

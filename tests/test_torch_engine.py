@@ -194,3 +194,27 @@ def test_engine_on_cuda_with_graphs(ckpt, tmp_path):
         assert _box_diff(engine.run(x[:1])["boxes"], got["boxes"][:1]) < 1e-5  # batch 1: its own graph
         assert engine.peak_device_memory() > 0
     print(f"CUDA max normalised box diff: {diffs}")
+
+
+def test_residual_quantizer_survives_conversion():
+    """DETR-R18 with residual_bits=8: folding each block's last batch norm into its IntConv2d keeps the
+    residual-branch quantizer (bnN.out_act) as a FakeQuantAct, and a converted block gives the fake-quant
+    block's output on the same input (a whole random R18 is compared per block: end to end, one code a
+    float ulp across a rounding boundary cascades through 8 random blocks)."""
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
+    calibrate(model, [torch.randn(1, 3, H, W)], progress=False)
+    model.eval()
+    engine_model = copy.deepcopy(model)
+    conv = convert_model(engine_model)
+    assert "backbone.0.body.layer1.0.conv2" in conv.int_layers
+    block = engine_model.backbone[0].body.layer1[0]
+    assert type(block.bn2).__name__ == "FakeQuantAct" and type(block.bn1) is torch.nn.Identity
+    x = torch.relu(torch.randn(1, 64, 16, 24))
+    with torch.no_grad():
+        want, got = model.backbone[0].body.layer1[0](x), block(x)
+        step = float(model.backbone[0].body.layer1[0].bn2.out_act.qparams().step)
+    close = (got - want).abs() <= 1e-4
+    print(f"block outputs equal within 1e-4: {100 * close.float().mean():.4f}%")
+    assert close.float().mean() >= 0.999
+    assert (got - want).abs().max() <= 1.5 * step  # a flipped residual code moves one step

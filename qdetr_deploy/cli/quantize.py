@@ -23,16 +23,20 @@ import click
               show_default=True, help="Activation steps per tensor (deployable everywhere) or per channel.")
 @click.option("--da", type=click.Choice(["none", "self", "cross", "both"]), default="self", show_default=True,
               help="Distribution alignment of decoder queries.")
+@click.option("--residual-bits", type=click.Choice(["none", "8"]), default="none", show_default=True,
+              help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
+                   "kernels in ONNX Runtime/TensorRT; none: the paper's full-precision residual adds).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
-                 trust_checkpoint: bool) -> None:
+                 residual_bits: str, trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
     from qdetr_deploy.export.calibration import quantize_checkpoint
 
     path = quantize_checkpoint(teacher, out, bits=bits, calib=calib, calib_size=calib_size, method=method,
                                image_size=tuple(image_size), batch_size=batch_size,
-                               act_granularity=act_granularity, da=da, trust=trust_checkpoint)
+                               act_granularity=act_granularity, da=da, trust=trust_checkpoint,
+                               residual_bits=None if residual_bits == "none" else int(residual_bits))
     click.echo(f"wrote {path} ({bits}, calibrated with {method})")
 
 

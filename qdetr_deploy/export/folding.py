@@ -24,7 +24,9 @@ Conventions (docs/ARCHITECTURE.md "ONNX model"; QDETR_METHOD.md §1):
   it to the PyTorch model. Everything else keeps the exact float bias (a separate Add).
 - Linear biases are [1,N] initializers: a 1-D bias lets onnxruntime fuse MatMul+Add into a float Gemm
   before its Q/DQ fusion, which would keep the layer out of MatMulIntegerToFloat.
-- DA, LayerNorm, softmax, residual adds and the heads stay float.
+- DA, LayerNorm, softmax, residual adds and the heads stay float. A residual-branch quantizer
+  (``QuantConfig.residual_bits``: ``bnN.out_act`` of a ResNet block's last batch norm) becomes the Q/DQ
+  on that input of the add (:func:`residual_branch`).
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int |
 
     ``axis``: the graph axis that carries its channels/heads when per-channel (PyTorch's channel dim in the
     graph's layout); ``layout``: how the graph tensor relates to PyTorch's ("kT": last two dims swapped);
-    ``feeds``: the op that reads the result ("MatMul" or "Conv").
+    ``feeds``: the op that reads the result ("MatMul", "Conv" or "Add": uint8 preferred for the last two
+    under conv_bias="int32", as onnxruntime's QLinearConv wants).
     """
     if act is None:
         return x
@@ -129,7 +132,7 @@ def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int |
         raise ValueError(f"{name}: per-channel quantizer without a graph axis")
     axis = axis if per_ch else None
     plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, per_ch, ctx.target, ctx.container,
-                    prefer_uint8=feeds == "Conv" and ctx.conv_bias == "int32")
+                    prefer_uint8=feeds != "MatMul" and ctx.conv_bias == "int32")
     if per_ch and feeds == "MatMul" and ctx.target == "onnxruntime":
         plan = ORT_PER_CHANNEL_MATMUL
     g, shape = ctx.g, _bshape(axis, rank, step.size)
@@ -241,28 +244,42 @@ def conv_norm(ctx: Ctx, x: str, conv: nn.Conv2d, norm: nn.Module | None, name: s
     return y
 
 
-def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.Module | None) -> str:
-    """Why ``conv`` -> ReLU -> ``nxt`` (the conv reading its output) cannot take an int32 bias and a
-    quantized output; "" when it can."""
+def _int_conv_common(ctx: Ctx, conv: nn.Module, norm: nn.Module | None) -> str:
+    """Why ``conv`` (+ ``norm``) cannot take an int32 bias at all; "" when it can."""
     if ctx.conv_bias != "int32" or ctx.target != "onnxruntime":
         return "conv_bias is float"
     if not isinstance(conv, QuantConv2d):
         return "float conv"
-    if not isinstance(nxt, QuantConv2d):
-        return "its output feeds a float layer or a residual add, not only a quantized conv"
     affine = norm_affine(norm)
     if affine is not None and not (affine[0] > 0).all():
         return "batch norm with a non-positive scale (kept as Mul + Add)"
-    for act in (conv.act, nxt.act):
-        if act is None or not act.initialised:
-            return "unquantized or uncalibrated activation"
-        p = act.qparams()
-        if p.channel_dim is not None:
-            return "per-channel activation steps (QLinearConv takes per-tensor activation scales)"
-        z = _np(p.zero_point).reshape(-1).astype(np.int64)
-        plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
-        if isinstance(plan, str):
-            return f"activation quantizer has no Q/DQ form: {plan}"
+    return _per_tensor_reason(ctx, conv.act)
+
+
+def _per_tensor_reason(ctx: Ctx, act: ActQuantizer | None) -> str:
+    if act is None or not act.initialised:
+        return "unquantized or uncalibrated activation"
+    p = act.qparams()
+    if p.channel_dim is not None:
+        return "per-channel activation steps (QLinearConv takes per-tensor activation scales)"
+    z = _np(p.zero_point).reshape(-1).astype(np.int64)
+    plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
+    if isinstance(plan, str):
+        return f"activation quantizer has no Q/DQ form: {plan}"
+    return ""
+
+
+def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.Module | None) -> str:
+    """Why ``conv`` -> ReLU -> ``nxt`` (the conv reading its output) cannot take an int32 bias and a
+    quantized output; "" when it can."""
+    reason = _int_conv_common(ctx, conv, norm)
+    if reason:
+        return reason
+    if not isinstance(nxt, QuantConv2d):
+        return "its output feeds a float layer or a residual add, not only a quantized conv"
+    reason = _per_tensor_reason(ctx, nxt.act)
+    if reason:
+        return reason
     p = nxt.act.qparams()
     z = _np(p.zero_point).reshape(-1).astype(np.int64)
     dtype, shift, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
@@ -271,6 +288,22 @@ def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.M
         hi = min(hi, p.qmax - int(z[0]))
     if hi > 255:
         return "the next quantizer's codes reach beyond a uint8 output of the conv"
+    return ""
+
+
+def int_out_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, out_act: ActQuantizer | None) -> str:
+    """Why ``conv`` + ``norm`` -> ``out_act`` (a residual-branch quantizer, no ReLU between) cannot run as
+    QLinearConv; "" when it can (its Q/DQ then needs no Clip, so the Conv feeds the QuantizeLinear)."""
+    if out_act is None:
+        return "its output meets the residual add (float) before the ReLU (QuantConfig.residual_bits: None)"
+    reason = _int_conv_common(ctx, conv, norm) or _per_tensor_reason(ctx, out_act)
+    if reason:
+        return reason
+    p = out_act.qparams()
+    z = _np(p.zero_point).reshape(-1).astype(np.int64)
+    dtype, _, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
+    if dtype != T.UINT8 or clip:
+        return f"the residual quantizer's {p.bits}-bit codes need a Clip or a non-uint8 Q before the add"
     return ""
 
 
@@ -421,7 +454,8 @@ def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
     """torchvision BasicBlock / Bottleneck: convs with their norms, the (float) downsample, add, ReLU.
 
     With conv_bias="int32", every conv but the last (its output only feeds the next conv) goes through
-    :func:`conv_relu_quant`; the last one meets the residual add, so it keeps a float bias and output."""
+    :func:`conv_relu_quant`; the last one meets the residual add: it runs as QLinearConv only when its
+    batch norm quantizes the residual branch (``out_act``, QuantConfig.residual_bits)."""
     g = ctx.g
     convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
     y, quantized = x, False
@@ -433,13 +467,28 @@ def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
                                            getattr(block, nxt), f"{name}.{nxt}", f"{name}.relu{i + 1}/Relu",
                                            quantized_input=quantized)
         else:
-            if ctx.conv_bias == "int32":
-                ctx.int_convs[f"{name}.{c}"] = "its output meets the residual add (float) before the ReLU"
-            y = conv_norm(ctx, y, conv, norm, f"{name}.{c}", quantized_input=quantized)
+            y = residual_branch(ctx, y, conv, norm, f"{name}.{c}", f"{name}.bn{c[-1]}", quantized)
     identity = x
     if block.downsample is not None:
         identity = conv_norm(ctx, x, block.downsample[0], block.downsample[1], f"{name}.downsample.0")
     return g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
+
+
+def residual_branch(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module, name: str, norm_name: str,
+                    quantized_input: bool) -> str:
+    """The last conv of a ResNet block + its norm, then the norm's residual quantizer ``out_act`` if any.
+
+    With conv_bias="int32" and :func:`int_out_reason` empty, the conv takes an int32 bias and feeds the
+    quantizer's QuantizeLinear (uint8) directly: onnxruntime fuses them into QLinearConv."""
+    out_act = getattr(norm, "out_act", None)
+    reason = int_out_reason(ctx, conv, norm, out_act)
+    if ctx.conv_bias == "int32":
+        ctx.int_convs[name] = reason
+    int_bias = None
+    if not reason:
+        int_bias = (norm_name, float(_np(conv.act.qparams().step).reshape(-1)[0]))
+    y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input, int_bias=int_bias)
+    return act_quant(ctx, y, out_act, f"{norm_name}.out_act", axis=1, rank=4, feeds="Add")
 
 
 def _tiny_chain(ctx: Ctx, x: str, body: nn.Module, name: str, nxt: nn.Module | None, nxt_name: str) -> str:

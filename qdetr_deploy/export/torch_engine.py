@@ -309,8 +309,10 @@ def _convert_conv(parent: nn.Module, child: str, name: str, bits: int, conv: Con
     norm_name = _following_norm(parent, child)
     affine = None
     if norm_name is not None:  # any sign folds: the epilogue scales the integer result, no codes
-        affine = batchnorm_affine(parent._modules[norm_name])
-        parent._modules[norm_name] = nn.Identity()
+        norm = parent._modules[norm_name]
+        affine = batchnorm_affine(norm)
+        out_act = getattr(norm, "out_act", None)  # a residual-branch quantizer stays after the conv
+        parent._modules[norm_name] = FakeQuantAct(out_act) if out_act is not None else nn.Identity()
     conv.int_layers.append(name)
     parent._modules[child] = IntConv2d(layer, spec, affine)
 

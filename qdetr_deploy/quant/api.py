@@ -3,7 +3,8 @@
 Which layer gets what (QDETR_METHOD.md §1): the stem conv at ``stem_bits``; other backbone convs, the
 transformer FFN linears and the attention projections at ``w_bits``/``a_bits``; q, k, v and the softmax
 output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs, input_proj, heads) stay
-float, as do LayerNorm, softmax and residual adds.
+float, as do LayerNorm, softmax and residual adds (``config.residual_bits``: the residual branch of every
+ResNet block whose last conv is quantized gets a per-tensor quantizer on its batch-norm output).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from tqdm import tqdm
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.quant.config import QuantConfig
-from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
+from qdetr_deploy.quant.modules import (
+    QuantConv2d,
+    QuantLinear,
+    QuantMultiheadAttention,
+    quantize_output,
+)
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
 CALIBRATION_METHODS = ("lsq+", "minmax", "percentile")
@@ -66,8 +72,20 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
         elif isinstance(module, nn.Linear) and not isinstance(module, QuantLinear):
             if name.startswith("transformer.") and not name.endswith("out_proj"):
                 QuantLinear.from_float(module, config.w_bits, config.a_bits, per_ch, sign)
+    if config.residual_bits is not None:
+        for block in residual_blocks(model):
+            last = "3" if hasattr(block, "conv3") else "2"
+            if isinstance(getattr(block, f"conv{last}"), QuantConv2d):
+                quantize_output(getattr(block, f"bn{last}"), config.residual_bits, sign)
     model.quant_config = config
     return model
+
+
+def residual_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """torchvision ResNet blocks (BasicBlock: conv1, conv2; Bottleneck: conv1..conv3) of ``model``."""
+    for m in model.modules():
+        if hasattr(m, "downsample") and hasattr(m, "conv2") and hasattr(m, "bn2"):
+            yield m
 
 
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:

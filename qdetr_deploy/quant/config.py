@@ -14,7 +14,9 @@ GRANULARITIES = ("tensor", "channel")
 SIGN_RULES = ("auto", "signed")
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
-# LayerNorm, softmax and residual adds are never swapped. Patterns are fnmatch patterns on module names.
+# LayerNorm, softmax and residual adds are never swapped (``residual_bits`` adds an input quantizer to the
+# residual adds of ResNet blocks, a deployment option outside the paper's method).
+# Patterns are fnmatch patterns on module names.
 DEFAULT_FP_MODULES = (
     "backbone.0.body.layer*.*.downsample.*",
     "input_proj",
@@ -36,6 +38,11 @@ class QuantConfig:
     act_sign: "auto" (released code: unsigned range when the first calibration batch has no value below
         -1e-5, signed otherwise) or "signed" (always the paper's signed range).
     stem_bits: bits of the first (stem) convolution's weights and input.
+    residual_bits: None (the paper: residual adds in full precision) or 8: quantize the residual branch
+        of every ResNet block (the output of its last conv + batch norm, before the add) per tensor. A
+        deployment option: it gives that conv a quantized output, so ONNX Runtime runs it as QLinearConv
+        and TensorRT fuses it with an int8 output (docs/BENCHMARKS.md); it changes the model (one more
+        8-bit rounding per block), so choose it before distillation.
     fp_modules: fnmatch patterns of module names that stay full precision.
     """
 
@@ -46,6 +53,7 @@ class QuantConfig:
     da: str = "self"
     act_sign: str = "auto"
     stem_bits: int = 8
+    residual_bits: int | None = None
     fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
 
     def __post_init__(self) -> None:
@@ -54,6 +62,9 @@ class QuantConfig:
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
                 raise QDetrError(f"{name}={bits} is not supported: choose one of {list(SUPPORTED_BITS)}")
+        if self.residual_bits not in (None, *SUPPORTED_BITS):
+            raise QDetrError(f"residual_bits={self.residual_bits} is not supported: choose none or one of "
+                             f"{list(SUPPORTED_BITS)}")
         _check_choice("da", self.da, DA_PLACEMENTS)
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
         _check_choice("act_sign", self.act_sign, SIGN_RULES)

@@ -7,6 +7,9 @@
   output) inside attention; optional DA ``norm_q`` before ``q_act``. ``out_proj`` becomes a QuantLinear.
   Order (released code): q = DA(q) -> Q8(q); k = Q8(k); A = softmax((q k^T) * scaling); A = Q8(A);
   v = Q8(v); out = A v.
+- :class:`QuantFrozenBatchNorm2d`, :class:`QuantBatchNorm2d`: a batch norm whose output is quantized
+  (``out_act``): the residual branch of a ResNet block under ``QuantConfig.residual_bits``. Upstream
+  names stay (``bn2.weight``, ...); the quantizer adds ``bn2.out_act.*``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.models.backbone import FrozenBatchNorm2d
 from qdetr_deploy.quant.align import DistributionAlignment
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
@@ -108,3 +112,31 @@ class QuantMultiheadAttention(WeightQuantMixin, MultiheadAttention):
         attn = self.attn_act(scores.softmax(dim=-1))
         attn = F.dropout(attn, p=self.dropout, training=self.training)
         return attn @ self.v_act(v)  # [B, h, Lq, d]
+
+
+class _OutputQuantMixin:
+    """A layer followed by its own activation quantizer ``out_act`` (per tensor)."""
+
+    out_act: ActQuantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_act(super().forward(x))  # type: ignore[misc]
+
+
+class QuantFrozenBatchNorm2d(_OutputQuantMixin, FrozenBatchNorm2d):
+    """FrozenBatchNorm2d with a quantized output (a ResNet block's residual branch)."""
+
+
+class QuantBatchNorm2d(_OutputQuantMixin, nn.BatchNorm2d):
+    """BatchNorm2d with a quantized output (a ResNet block's residual branch)."""
+
+
+def quantize_output(norm: nn.Module, bits: int, sign_rule: str) -> nn.Module:
+    """Give batch norm ``norm`` a ``bits``-bit per-tensor output quantizer ``out_act``, in place."""
+    classes = {FrozenBatchNorm2d: QuantFrozenBatchNorm2d, nn.BatchNorm2d: QuantBatchNorm2d}
+    if type(norm) not in classes:
+        raise TypeError(f"cannot quantize the output of a {type(norm).__name__}")
+    device = next(iter(norm.buffers())).device
+    norm.__class__ = classes[type(norm)]
+    norm.out_act = ActQuantizer(bits, 1, None, sign_rule).to(device)
+    return norm
