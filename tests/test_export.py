@@ -404,6 +404,8 @@ def test_residual_quantizer_runs_every_block_conv_as_qlinearconv(tmp_path: Path)
     ort.InferenceSession(str(result.path), sess_options=so, providers=["CPUExecutionProvider"])
     ops = kernel_report_summary(integer_kernel_report(onnx.load(so.optimized_model_filepath)))["by_op"]
     assert ops["QLinearConv"] == 16 and ops["Conv"] == 5, ops
+    # between the two convs of a block: QLinearConv -> Clip on the uint8 codes (4-bit range) -> QLinearConv
+    assert result.act_modes.get("q+uint8 clip+dq") == 8, result.act_modes
 
 
 def test_residual_quantizer_without_the_option_and_for_tensorrt(tmp_path: Path) -> None:

@@ -281,12 +281,7 @@ def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.M
     if reason:
         return reason
     p = nxt.act.qparams()
-    z = _np(p.zero_point).reshape(-1).astype(np.int64)
-    dtype, shift, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
-    hi = INT_DTYPES[dtype][1] - int((z + shift)[0])
-    if clip:
-        hi = min(hi, p.qmax - int(z[0]))
-    if hi > 255:
+    if p.qmax - int(_np(p.zero_point).reshape(-1)[0]) > 255:
         return "the next quantizer's codes reach beyond a uint8 output of the conv"
     return ""
 
@@ -313,15 +308,16 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
     """``conv`` + ``norm`` -> ReLU -> the activation quantizer of ``nxt`` (conv ``nxt_name``).
 
     Returns (tensor, quantized): with conv_bias="int32" where :func:`int_conv_reason` allows, the
-    dequantized output of ``nxt``'s quantizer (pass ``quantized_input=True`` to ``nxt``'s conv_norm) with
-    an int32 bias in the Conv and ``Conv -> Relu -> QuantizeLinear(uint8, zero point 0)`` right after it;
-    otherwise the ReLU output, as before. ``quantized_input``: ``x`` already is ``conv``'s quantizer
-    output.
+    dequantized output of ``nxt``'s quantizer (pass ``quantized_input=True`` to ``nxt``'s conv_norm) as
+    ``Conv(int32 bias) -> Relu -> QuantizeLinear(uint8, zero point 0) -> [Clip on the uint8 codes] ->
+    DequantizeLinear``: onnxruntime fuses the conv and the Q into QLinearConv, the Clip runs on uint8 and
+    the DQ joins the next QLinearConv, so no float op sits between the two convs. Otherwise the ReLU
+    output, as before. ``quantized_input``: ``x`` already is ``conv``'s quantizer output.
 
-    Exactness of the uint8 zero-point-0 Q with the next quantizer's step a: for r = round(relu(y) / a),
-    its code is clip(r + z, lo, hi) - z, and the Q gives min(r, 255): equal as long as the next
-    quantizer's highest code (minus z) is <= 255 (checked), so its own Q/DQ (and Clip) can follow
-    unchanged.
+    Exactness, for the next quantizer's step a, zero point z and codes [qn, qp]: with r = round(relu(y)/a)
+    >= 0, its code is clip(r + z, qn, qp); the Q gives min(r, 255), the uint8 Clip to [max(0, qn - z),
+    qp - z] gives clip(r + z, qn, qp) - z (qp - z <= 255 is checked), and the DQ with zero point 0 gives
+    (code - z) * a, the fake-quant value. The codes tensor is recorded with shift -z.
     """
     g = ctx.g
     reason = int_conv_reason(ctx, conv, norm, nxt)
@@ -335,15 +331,19 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
     y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input, int_bias=(target, x_step))
     y = g.node("Relu", [y], relu_name)
     p = nxt.act.qparams()
-    step = float(_np(p.step).reshape(-1)[0])
-    z = _np(p.zero_point).reshape(-1).astype(np.int64)
-    dtype, shift, clip = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, False, ctx.target, ctx.container, True)
-    if not (dtype == T.UINT8 and int((z + shift)[0]) == 0 and not clip):
-        s = g.const(f"{name}.out_scale", np.float32(step))
-        zp = g.const_int(f"{name}.out_zero_point", 0, T.UINT8)
-        q = g.node("QuantizeLinear", [y, s, zp], f"{name}/output/QuantizeLinear")
-        y = g.node("DequantizeLinear", [q, s, zp], f"{name}/output/DequantizeLinear")
-    return act_quant(ctx, y, nxt.act, f"{nxt_name}.act", axis=1, rank=4, feeds="Conv"), True
+    step, z = _np(p.step).reshape(-1)[:1], int(_np(p.zero_point).reshape(-1)[0])
+    act_name = f"{nxt_name}.act"
+    s = g.const(f"{act_name}.scale", step[0])
+    zp = g.const_int(f"{act_name}.zero_point", 0, T.UINT8)
+    codes = g.node("QuantizeLinear", [y, s, zp], f"{act_name}/QuantizeLinear")
+    lo, hi = max(0, p.qmin - z), p.qmax - z  # codes minus z that the quantizer allows; ReLU made them >= 0
+    if lo > 0 or hi < 255:
+        codes = g.node("Clip", [codes, g.const_int(f"{act_name}.clip_min", lo, T.UINT8),
+                                g.const_int(f"{act_name}.clip_max", hi, T.UINT8)], f"{act_name}/Clip")
+    out = g.node("DequantizeLinear", [codes, s, zp], f"{act_name}/DequantizeLinear")
+    mode = "q+uint8 clip+dq" if lo > 0 or hi < 255 else "qdq"
+    g.acts.append(ActRecord(act_name, codes, np.array([-z], np.int64), None, mode, "UINT8", "same"))
+    return out, True
 
 
 def linear(ctx: Ctx, x: str, lin: nn.Linear, name: str) -> str:
