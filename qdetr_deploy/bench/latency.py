@@ -64,10 +64,21 @@ def rotated(names: list[str], i: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+#: timed calls per engine per turn when several engines are interleaved (see :func:`interleaved`)
+BLOCK = 10
+
+
 def interleaved(runners: dict[str, Callable[[int], Any]], warmup: int, iters: int,
-                progress: Any | None = None) -> dict[str, list[float]]:
-    """Run ``runners[name](i)`` for every name, ``warmup`` untimed then ``iters`` timed rounds, in
-    round-robin order; returns the per-iteration latencies (s) of each. ``progress.update(1)`` per call."""
+                progress: Any | None = None, block: int = 1) -> dict[str, list[float]]:
+    """Run ``runners[name](i)`` for every name, ``warmup`` untimed then ``iters`` timed calls each, taking
+    turns in round-robin order (drift on a shared machine hits every engine alike); returns the
+    per-call latencies (s) of each. ``progress.update(1)`` per warm-up or timed call.
+
+    ``block`` > 1: each turn is one untimed call, then up to ``block`` timed calls of the same engine. An
+    ONNX Runtime session's worker threads spin for a while after its run (the default, and the fastest
+    setting for a deployed model); an engine timed right after another one's run would share the cores
+    with those spinning threads (measured: about 2x slower on 2 cores), the settle call absorbs that.
+    """
     names = list(runners)
     for i in range(warmup):
         for name in rotated(names, i):
@@ -75,12 +86,22 @@ def interleaved(runners: dict[str, Callable[[int], Any]], warmup: int, iters: in
             if progress is not None:
                 progress.update(1)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(iters):
-        for name in rotated(names, i):
-            dt, _ = time_call(lambda name=name, i=i: runners[name](i))
-            times[name].append(dt)
-            if progress is not None:
-                progress.update(1)
+    block = max(1, int(block))
+    turn = 0
+    while any(len(t) < iters for t in times.values()):
+        for name in rotated(names, turn):
+            todo = min(block, iters - len(times[name]))
+            if todo <= 0:
+                continue
+            if block > 1 and len(names) > 1:
+                runners[name](len(times[name]))  # settle: absorbs the previous engine's spinning threads
+            for _ in range(todo):
+                i = len(times[name])
+                dt, _ = time_call(lambda name=name, i=i: runners[name](i))
+                times[name].append(dt)
+                if progress is not None:
+                    progress.update(1)
+        turn += 1
     return times
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qdetr_deploy.bench.cocoeval import evaluate_coco, load_coco_gt
-from qdetr_deploy.bench.latency import interleaved, latency_stats, memory_snapshot, time_call
+from qdetr_deploy.bench.latency import BLOCK, interleaved, latency_stats, memory_snapshot, time_call
 from qdetr_deploy.bench.preprocess import detections_to_coco, outputs_to_detections, preprocess
 from qdetr_deploy.engines import Engine, check_batch, open_engine
 from qdetr_deploy.errors import QDetrError
@@ -73,7 +73,7 @@ def _random_phase(engines: list[Engine], names: list[str], runs: list[int], batc
         inputs[n] = _pad(rng.standard_normal((batch, 3, H, W)).astype(np.float32), rb)
     runners = {n: (lambda _i, e=e, n=n: e.run(inputs[n])) for e, n in zip(engines, names)}
     with _bar((warmup + iters) * len(engines), "latency", progress) as bar:
-        return interleaved(runners, warmup, iters, bar)
+        return interleaved(runners, warmup, iters, bar, block=BLOCK)
 
 
 def select_images(ann_file: str | os.PathLike, images_dir: str | os.PathLike,
@@ -167,7 +167,7 @@ def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike 
         e2e_times, detections, kept = _image_phase(engines, names, runs, items, batch, warmup, progress)
         runners = {n: (lambda i, e=e, n=n: e.run(kept[n][i % len(kept[n])])) for e, n in zip(engines, names)}
         with _bar(iters * len(engines), "engine only", progress) as bar:
-            eng_times = interleaved(runners, 0, iters, bar)
+            eng_times = interleaved(runners, 0, iters, bar, block=BLOCK)
     for e, n, row in zip(engines, names, rows):
         row["engine_latency"] = latency_stats(eng_times[n], batch)
         row["engine_latencies_ms"] = [t * 1e3 for t in eng_times[n]]
