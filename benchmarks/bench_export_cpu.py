@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdetr_deploy.bench.latency import interleaved  # noqa: E402
+from qdetr_deploy.bench.latency import BLOCK, interleaved  # noqa: E402
 from qdetr_deploy.engines.onnxruntime import (  # noqa: E402
     integer_kernel_report,
     kernel_report_summary,
@@ -119,7 +119,7 @@ def bench_model(preset: str, size: int, args: argparse.Namespace, tmp: Path) -> 
     sessions = {name: ort.InferenceSession(str(p), sess_options=session_options(args.threads, "all"),
                                            providers=["CPUExecutionProvider"]) for name, p in paths.items()}
     runners = {name: (lambda _i, s=s: s.run(None, {"images": images})) for name, s in sessions.items()}
-    times = interleaved(runners, args.warmup, args.iters)
+    times = interleaved(runners, args.warmup, args.iters, block=BLOCK)
     med = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     rows = []
     for rb, mode in variants:

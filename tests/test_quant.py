@@ -177,11 +177,12 @@ def test_bad_config_values() -> None:
 
 def test_residual_quantizer_on_resnet_blocks() -> None:
     """residual_bits=8: the last batch norm of every ResNet block quantizes its output (the residual
-    branch, before the add), per tensor, on the 8-bit grid; upstream parameter names are kept."""
+    branch, before the add) and the block its own output (the next add's identity input), per tensor, on
+    the 8-bit grid; upstream parameter names are kept."""
     torch.manual_seed(0)
     model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
     block = model.backbone[0].body.layer2[0]
-    assert block.bn2.out_act.bits == 8 and not hasattr(block.bn1, "out_act")
+    assert block.bn2.out_act.bits == 8 and not hasattr(block.bn1, "out_act") and block.out_act.bits == 8
     assert {"weight", "bias", "running_mean", "running_var"} <= set(dict(block.bn2.named_buffers()))
     calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False)
     model.eval()
@@ -191,3 +192,7 @@ def test_residual_quantizer_on_resnet_blocks() -> None:
     p = block.bn2.out_act.qparams()
     codes = seen["out"] / p.step + p.zero_point
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= p.qmin and codes.max() <= p.qmax
+    out = block(torch.relu(torch.randn(1, 64, 16, 16)))
+    p = block.out_act.qparams()
+    codes = out / p.step + p.zero_point
+    assert not p.signed and torch.allclose(codes, codes.round(), atol=1e-3) and codes.max() <= p.qmax

@@ -455,7 +455,8 @@ def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
 
     With conv_bias="int32", every conv but the last (its output only feeds the next conv) goes through
     :func:`conv_relu_quant`; the last one meets the residual add: it runs as QLinearConv only when its
-    batch norm quantizes the residual branch (``out_act``, QuantConfig.residual_bits)."""
+    batch norm quantizes the residual branch (``out_act``, QuantConfig.residual_bits). The block's own
+    ``out_act`` (same option) quantizes its output after the final ReLU."""
     g = ctx.g
     convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
     y, quantized = x, False
@@ -471,7 +472,11 @@ def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
     identity = x
     if block.downsample is not None:
         identity = conv_norm(ctx, x, block.downsample[0], block.downsample[1], f"{name}.downsample.0")
-    return g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
+    out = g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
+    # the block's own output quantizer (QuantConfig.residual_bits): the next block's identity input; with
+    # a quantized branch, onnxruntime fuses DQ, DQ -> Add -> Relu -> Q into QLinearAdd (zero point 0)
+    out_act = getattr(block, "out_act", None)
+    return act_quant(ctx, out, out_act, f"{name}.out_act", axis=1, rank=4, feeds="Add")
 
 
 def residual_branch(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module, name: str, norm_name: str,

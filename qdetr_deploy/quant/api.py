@@ -4,7 +4,8 @@ Which layer gets what (QDETR_METHOD.md §1): the stem conv at ``stem_bits``; oth
 transformer FFN linears and the attention projections at ``w_bits``/``a_bits``; q, k, v and the softmax
 output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs, input_proj, heads) stay
 float, as do LayerNorm, softmax and residual adds (``config.residual_bits``: the residual branch of every
-ResNet block whose last conv is quantized gets a per-tensor quantizer on its batch-norm output).
+ResNet block whose last conv is quantized gets per-tensor quantizers on its last batch norm's output and
+on its own output: both inputs of the next residual add).
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             if name.startswith("transformer.") and not name.endswith("out_proj"):
                 QuantLinear.from_float(module, config.w_bits, config.a_bits, per_ch, sign)
     if config.residual_bits is not None:
-        for block in residual_blocks(model):
+        for block in list(residual_blocks(model)):
             last = "3" if hasattr(block, "conv3") else "2"
             if isinstance(getattr(block, f"conv{last}"), QuantConv2d):
                 quantize_output(getattr(block, f"bn{last}"), config.residual_bits, sign)
+                quantize_output(block, config.residual_bits, sign)
     model.quant_config = config
     return model
 

@@ -38,11 +38,14 @@ class QuantConfig:
     act_sign: "auto" (released code: unsigned range when the first calibration batch has no value below
         -1e-5, signed otherwise) or "signed" (always the paper's signed range).
     stem_bits: bits of the first (stem) convolution's weights and input.
-    residual_bits: None (the paper: residual adds in full precision) or 8: quantize the residual branch
-        of every ResNet block (the output of its last conv + batch norm, before the add) per tensor. A
-        deployment option: it gives that conv a quantized output, so ONNX Runtime runs it as QLinearConv
-        and TensorRT fuses it with an int8 output (docs/BENCHMARKS.md); it changes the model (one more
-        8-bit rounding per block), so choose it before distillation.
+    residual_bits: None (the paper: residual adds in full precision) or 8: quantize both inputs of every
+        ResNet block's residual add per tensor: the branch (the output of its last conv + batch norm) and
+        the identity (the previous block's output, quantized after its final ReLU). A deployment option:
+        the last conv gets a quantized output and the add quantized inputs and output, so ONNX Runtime
+        runs them as QLinearConv and QLinearAdd (docs/BENCHMARKS.md) and TensorRT gives the conv an int8
+        output (the unsigned block output has no int8 zero-point-0 form: the TensorRT export writes it as
+        exact float fake quantization). It changes the model (two more 8-bit roundings per block), so
+        choose it before distillation.
     fp_modules: fnmatch patterns of module names that stay full precision.
     """
 

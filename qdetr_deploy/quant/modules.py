@@ -8,8 +8,10 @@
   Order (released code): q = DA(q) -> Q8(q); k = Q8(k); A = softmax((q k^T) * scaling); A = Q8(A);
   v = Q8(v); out = A v.
 - :class:`QuantFrozenBatchNorm2d`, :class:`QuantBatchNorm2d`: a batch norm whose output is quantized
-  (``out_act``): the residual branch of a ResNet block under ``QuantConfig.residual_bits``. Upstream
-  names stay (``bn2.weight``, ...); the quantizer adds ``bn2.out_act.*``.
+  (``out_act``): the residual branch of a ResNet block under ``QuantConfig.residual_bits``;
+  :class:`QuantBasicBlock`, :class:`QuantBottleneck`: a ResNet block whose output (after its final ReLU)
+  is quantized (``out_act``), the identity input of the next block's add. Upstream names stay
+  (``bn2.weight``, ...); the quantizers add ``bn2.out_act.*`` and ``layer1.0.out_act.*``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.models.backbone import FrozenBatchNorm2d
@@ -131,12 +134,24 @@ class QuantBatchNorm2d(_OutputQuantMixin, nn.BatchNorm2d):
     """BatchNorm2d with a quantized output (a ResNet block's residual branch)."""
 
 
-def quantize_output(norm: nn.Module, bits: int, sign_rule: str) -> nn.Module:
-    """Give batch norm ``norm`` a ``bits``-bit per-tensor output quantizer ``out_act``, in place."""
-    classes = {FrozenBatchNorm2d: QuantFrozenBatchNorm2d, nn.BatchNorm2d: QuantBatchNorm2d}
-    if type(norm) not in classes:
-        raise TypeError(f"cannot quantize the output of a {type(norm).__name__}")
-    device = next(iter(norm.buffers())).device
-    norm.__class__ = classes[type(norm)]
-    norm.out_act = ActQuantizer(bits, 1, None, sign_rule).to(device)
-    return norm
+class QuantBasicBlock(_OutputQuantMixin, BasicBlock):
+    """torchvision BasicBlock with a quantized output (after its final ReLU)."""
+
+
+class QuantBottleneck(_OutputQuantMixin, Bottleneck):
+    """torchvision Bottleneck with a quantized output (after its final ReLU)."""
+
+
+_OUTPUT_QUANT = {FrozenBatchNorm2d: QuantFrozenBatchNorm2d, nn.BatchNorm2d: QuantBatchNorm2d,
+                 BasicBlock: QuantBasicBlock, Bottleneck: QuantBottleneck}
+
+
+def quantize_output(module: nn.Module, bits: int, sign_rule: str) -> nn.Module:
+    """Give a batch norm or a ResNet block a ``bits``-bit per-tensor output quantizer ``out_act``, in
+    place."""
+    if type(module) not in _OUTPUT_QUANT:
+        raise TypeError(f"cannot quantize the output of a {type(module).__name__}")
+    device = next(iter(module.buffers())).device
+    module.__class__ = _OUTPUT_QUANT[type(module)]
+    module.out_act = ActQuantizer(bits, 1, None, sign_rule).to(device)
+    return module
