@@ -1,4 +1,4 @@
-"""Timing helpers: warm-up, interleaved (round-robin) iterations, latency statistics and memory.
+"""Timing helpers: warm-up, interleaved iterations (engines taking turns), latency statistics and memory.
 
 Several engines are timed interleaved: each iteration runs every engine once, starting with a different
 engine each time, so machine noise (other processes, thermal throttling) hits them all alike.

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from qdetr_deploy.bench.cocoeval import STAT_NAMES
+from qdetr_deploy.bench.latency import BLOCK
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path, write_json, write_text
 
@@ -56,7 +57,8 @@ def markdown_report(result: dict) -> str:
            ["device peak MB"] + [_fmt(r["memory"]["device_peak_mb"], ".0f") for r in rows]]
     lines = [f"# Benchmark ({result['mode']})", "",
              f"batch {cfg['batch']}, warm-up {cfg['warmup']}, {cfg['iters']} timed iterations per engine, "
-             f"interleaved round-robin; images: {cfg['num_images'] or 'random input'}. "
+             f"engines taking turns in blocks of {BLOCK} (one untimed run per turn); "
+             f"images: {cfg['num_images'] or 'random input'}. "
              "Ratios are latency relative to the first engine (x0.50 = half its latency).", ""]
     lines += _table(head, info + _latency_rows(rows) + mem)
     if any(r.get("coco") for r in rows):

@@ -3,7 +3,9 @@
 Without images: engine-only latency on random input of each engine's shape. With images and COCO
 annotations: one end-to-end pass over the images (load + preprocess + run + post-process, timed per batch)
 that also collects the detections for COCO evaluation, then engine-only timing on already preprocessed
-batches. Engines are interleaved round-robin in every phase.
+batches. Engines take turns in every phase (drift on a shared machine hits all alike), in blocks of
+``latency.BLOCK`` timed runs after one untimed run each turn (``latency.interleaved``: an ONNX Runtime
+session's spinning worker threads would otherwise slow the engine timed right after it).
 """
 
 from __future__ import annotations
@@ -124,13 +126,17 @@ def _image_phase(engines: list[Engine], names: list[str], runs: list[int], items
             for k in order[i % len(order):] + order[: i % len(order)]:
                 detect_batch(engines[k], chunks[0], runs[k])
                 bar.update(1)
-        for i, chunk in enumerate(chunks):
-            for k in order[i % len(order):] + order[: i % len(order)]:
-                dt, out = time_call(lambda k=k, chunk=chunk: detect_batch(engines[k], chunk, runs[k],
-                                                                          keep=kept[names[k]]))
-                times[names[k]].append(dt)
-                dets[names[k]] += out
-                bar.update(1)
+        for b, start in enumerate(range(0, len(chunks), BLOCK)):
+            block = chunks[start:start + BLOCK]
+            for k in order[b % len(order):] + order[: b % len(order)]:
+                if len(engines) > 1:  # settle run, untimed (see latency.interleaved)
+                    detect_batch(engines[k], block[0], runs[k])
+                for chunk in block:
+                    dt, out = time_call(lambda k=k, chunk=chunk: detect_batch(engines[k], chunk, runs[k],
+                                                                              keep=kept[names[k]]))
+                    times[names[k]].append(dt)
+                    dets[names[k]] += out
+                    bar.update(1)
     return times, dets, kept
 
 
