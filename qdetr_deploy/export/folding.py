@@ -281,8 +281,8 @@ def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.M
     if reason:
         return reason
     p = nxt.act.qparams()
-    if p.qmax - int(_np(p.zero_point).reshape(-1)[0]) > 255:
-        return "the next quantizer's codes reach beyond a uint8 output of the conv"
+    if not 0 <= p.qmax - int(_np(p.zero_point).reshape(-1)[0]) <= 255:
+        return "the next quantizer's codes (minus its zero point) leave a uint8 output of the conv"
     return ""
 
 
@@ -316,7 +316,7 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
 
     Exactness, for the next quantizer's step a, zero point z and codes [qn, qp]: with r = round(relu(y)/a)
     >= 0, its code is clip(r + z, qn, qp); the Q gives min(r, 255), the uint8 Clip to [max(0, qn - z),
-    qp - z] gives clip(r + z, qn, qp) - z (qp - z <= 255 is checked), and the DQ with zero point 0 gives
+    qp - z] gives clip(r + z, qn, qp) - z (0 <= qp - z <= 255 is checked), and the DQ with zero point 0 gives
     (code - z) * a, the fake-quant value. The codes tensor is recorded with shift -z.
     """
     g = ctx.g

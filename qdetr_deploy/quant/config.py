@@ -14,7 +14,7 @@ GRANULARITIES = ("tensor", "channel")
 SIGN_RULES = ("auto", "signed")
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
-# LayerNorm, softmax and residual adds are never swapped (``residual_bits`` adds an input quantizer to the
+# LayerNorm, softmax and residual adds are never swapped (``residual_bits`` adds input quantizers to the
 # residual adds of ResNet blocks, a deployment option outside the paper's method).
 # Patterns are fnmatch patterns on module names.
 DEFAULT_FP_MODULES = (
