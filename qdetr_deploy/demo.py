@@ -162,7 +162,8 @@ def _bench(exports: dict, engines: dict, data: dict, workdir: Path, s: DemoSetti
     paths = [exports["teacher"]["onnx"], engines["student_ort"]] + (
         [engines["student_gpu"]] if "student_gpu" in engines else [])
     result = bench_engines(paths, images_dir=data["val_images"], ann_file=data["val_ann"], batch=1,
-                           warmup=5, iters=s.bench_iters, report_dir=workdir / "report")
+                           warmup=5, iters=s.bench_iters, report_dir=workdir / "report",
+                           isolate=True)  # each engine in its own process: sessions in one slow each other
     return {"report_dir": str(workdir / "report"), "engines": result["engines"]}
 
 

@@ -194,3 +194,25 @@ def test_bench_missing_image_and_bad_annotations(coco_models, tmp_path):
     assert "malformed JSON" in line
     line = _one_line_exit_2(_bench(coco_models[0], "--images", images))
     assert "--images and --ann go together" in line
+
+
+def test_bench_isolated_processes_match_in_process(coco_models):
+    """--isolate (the CLI default) measures each engine in its own process: same detections and COCO
+    figures, the same result layout, and the config says how it was measured."""
+    from qdetr_deploy.bench.run import bench_engines
+
+    images, ann = _coco128()
+    kw = {"images_dir": images, "ann_file": ann, "max_images": 4, "warmup": 0, "iters": 2, "progress": False}
+    iso = bench_engines(list(coco_models), isolate=True, **kw)
+    one = bench_engines(list(coco_models), isolate=False, **kw)
+    assert iso["config"]["isolated"] and not one["config"]["isolated"]
+    assert [r["name"] for r in iso["engines"]] == [r["name"] for r in one["engines"]]
+    for a, b in zip(iso["engines"], one["engines"]):
+        assert a["coco"]["stats"] == b["coco"]["stats"] and a["coco"]["num_detections"] > 0
+        assert a["engine_latency"]["n"] == 2 and a["e2e_latency"]["n"] == 4
+    assert iso["engines"][0]["ratio_vs_first"]["engine_latency"] == 1.0
+
+
+def test_bench_isolated_error_is_one_line(coco_models):
+    line = _one_line_exit_2(_bench(*coco_models, "--batch", 4, "--iters", 1))
+    assert "detr_a.onnx" in line and "batch 4 is larger than the engine allows" in line

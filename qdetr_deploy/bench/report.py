@@ -57,7 +57,8 @@ def markdown_report(result: dict) -> str:
            ["device peak MB"] + [_fmt(r["memory"]["device_peak_mb"], ".0f") for r in rows]]
     lines = [f"# Benchmark ({result['mode']})", "",
              f"batch {cfg['batch']}, warm-up {cfg['warmup']}, {cfg['iters']} timed iterations per engine, "
-             f"engines taking turns in blocks of {BLOCK} (one untimed run per turn); "
+             + ("each engine alone in its own process, one after the other; " if cfg.get("isolated") else
+                f"engines taking turns in blocks of {BLOCK} (one untimed run per turn); ") +
              f"images: {cfg['num_images'] or 'random input'}. "
              "Ratios are latency relative to the first engine (x0.50 = half its latency).", ""]
     lines += _table(head, info + _latency_rows(rows) + mem)

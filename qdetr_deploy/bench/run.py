@@ -3,15 +3,19 @@
 Without images: engine-only latency on random input of each engine's shape. With images and COCO
 annotations: one end-to-end pass over the images (load + preprocess + run + post-process, timed per batch)
 that also collects the detections for COCO evaluation, then engine-only timing on already preprocessed
-batches. Engines take turns in every phase (drift on a shared machine hits all alike), in blocks of
-``latency.BLOCK`` timed runs after one untimed run each turn (``latency.interleaved``: an ONNX Runtime
-session's spinning worker threads would otherwise slow the engine timed right after it).
+batches. In one process (the default of the library function), engines take turns in every phase (drift on a
+shared machine hits all alike), in blocks of ``latency.BLOCK`` timed runs after one untimed run each turn
+(``latency.interleaved``: an ONNX Runtime session's spinning worker threads would otherwise slow the engine
+timed right after it). With ``isolate`` (the CLI's default) each engine is measured alone in its own process
+instead (``bench/worker.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,15 +155,41 @@ def _add_ratios(rows: list[dict]) -> None:
 def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike | None = None,
                   ann_file: str | os.PathLike | None = None, batch: int = 1, warmup: int = 10,
                   iters: int = 50, report_dir: str | os.PathLike | None = None, max_images: int | None = None,
-                  progress: bool = True, score_threshold: float = 0.0, topk: int = 100) -> dict:
+                  progress: bool = True, score_threshold: float = 0.0, topk: int = 100,
+                  isolate: bool = False) -> dict:
     """Benchmark engines side by side; with ``report_dir`` also write JSON, Markdown, PNGs and detections.
-    Returns the JSON-ready result (see ``bench/report.py``)."""
+    Returns the JSON-ready result (see ``bench/report.py``).
+
+    ``isolate``: measure each engine in its own Python process, one after the other
+    (``bench/worker.py``), instead of taking turns in this one. Several ONNX Runtime sessions in one
+    process slow each other down on a small CPU even when they take turns (measured on 2 cores: up to
+    1.9x), so isolated figures are the ones to compare there; turns in one process protect better against
+    drift on a machine whose load changes."""
     if not paths:
         raise QDetrError("no engines given")
     if (images_dir is None) != (ann_file is None):
         raise QDetrError("--images and --ann go together (or leave both out for latency on random input)")
     if images_dir is not None and not Path(images_dir).is_dir():
         raise QDetrError("image folder not found", images_dir)
+    args = {"images_dir": str(images_dir) if images_dir is not None else None,
+            "ann_file": str(ann_file) if ann_file is not None else None, "batch": batch, "warmup": warmup,
+            "iters": iters, "max_images": max_images, "score_threshold": score_threshold, "topk": topk}
+    if isolate and len(paths) > 1:
+        result, detections = _isolated([str(p) for p in paths], args, progress)
+    else:
+        result, detections = measure_engines([str(p) for p in paths], progress=progress, **args)
+    result["config"]["isolated"] = bool(isolate and len(paths) > 1)
+    if report_dir is not None:
+        from qdetr_deploy.bench.report import write_reports
+
+        result["report_files"] = write_reports(result, report_dir, detections)
+    return result
+
+
+def measure_engines(paths: list[str], images_dir: str | None, ann_file: str | None, batch: int, warmup: int,
+                    iters: int, max_images: int | None, progress: bool, score_threshold: float = 0.0,
+                    topk: int = 100) -> tuple[dict, dict[str, list]]:
+    """The measurements of :func:`bench_engines` in this process: (result, detections per engine name)."""
     engines = [open_engine(p) for p in paths]
     names = _names(engines)
     runs = [run_batch_for(e, batch) for e in engines]
@@ -188,14 +218,37 @@ def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike 
         "format": "qdetr-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "images" if items else "random",
         "config": {"batch": batch, "warmup": warmup, "iters": iters, "max_images": max_images,
-                   "images_dir": str(images_dir) if images_dir else None,
-                   "ann_file": str(ann_file) if ann_file else None, "num_images": len(items or []),
+                   "images_dir": images_dir, "ann_file": ann_file, "num_images": len(items or []),
                    "host": {"python": platform.python_version(), "machine": platform.machine(),
                             "cpus": os.cpu_count()}},
         "engines": rows,
     }
-    if report_dir is not None:
-        from qdetr_deploy.bench.report import write_reports
+    return result, detections
 
-        result["report_files"] = write_reports(result, report_dir, detections)
-    return result
+
+def _isolated(paths: list[str], args: dict, progress: bool) -> tuple[dict, dict[str, list]]:
+    """:func:`measure_engines` for one engine at a time, each in a fresh ``bench/worker.py`` process."""
+    result: dict | None = None
+    rows: list[dict] = []
+    detections: dict[str, list] = {}
+    for path in tqdm(paths, desc="engines (one process each)", disable=not progress, unit="engine",
+                     file=sys.stderr):
+        proc = subprocess.run([sys.executable, "-m", "qdetr_deploy.bench.worker"], capture_output=True,
+                              text=True, input=json.dumps({"paths": [path], "progress": False, **args}))
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+            if proc.returncode == 2:  # the worker's one-line user error, which names its file
+                raise QDetrError(lines[-1])
+            raise QDetrError(f"benchmark process failed: {lines[-1]}", path)
+        out = json.loads(proc.stdout)
+        row = out["result"]["engines"][0]
+        base, k = row["name"], 1
+        while row["name"] in detections:  # the same file name twice
+            row["name"], k = f"{base}#{k}", k + 1
+        detections[row["name"]] = out["detections"].get(base, [])
+        rows.append(row)
+        result = result or out["result"]
+    assert result is not None
+    _add_ratios(rows)
+    result["engines"] = rows
+    return result, detections

@@ -18,16 +18,19 @@ import click
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write bench.json, bench.md, PNG plots and detections here.")
 @click.option("--max-images", type=click.IntRange(min=1), help="Use only the first N annotated images.")
+@click.option("--isolate/--in-process", default=True, show_default=True,
+              help="Measure each engine in its own process, one after the other (sessions in one process "
+                   "slow each other down on small CPUs), or all in this process, taking turns.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of Markdown.")
 def bench(engines: tuple[str, ...], images_dir: str | None, ann_file: str | None, batch: int, warmup: int,
-          iters: int, report_dir: str | None, max_images: int | None, as_json: bool) -> None:
-    """Benchmark ENGINE_OR_ONNX... interleaved; ratios are against the first one."""
+          iters: int, report_dir: str | None, max_images: int | None, isolate: bool, as_json: bool) -> None:
+    """Benchmark ENGINE_OR_ONNX... side by side; ratios are against the first one."""
     from qdetr_deploy.bench.report import markdown_report
     from qdetr_deploy.bench.run import bench_engines
 
     result = bench_engines(list(engines), images_dir=images_dir, ann_file=ann_file, batch=batch,
                            warmup=warmup, iters=iters, report_dir=report_dir, max_images=max_images,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), isolate=isolate)
     click.echo(json.dumps(result) if as_json else markdown_report(result))
 
 
