@@ -210,6 +210,7 @@ def test_residual_quantizer_survives_conversion():
     assert "backbone.0.body.layer1.0.conv2" in conv.int_layers
     block = engine_model.backbone[0].body.layer1[0]
     assert type(block.bn2).__name__ == "FakeQuantAct" and type(block.bn1) is torch.nn.Identity
+    assert type(block.out_act).__name__ == "FakeQuantAct"  # frozen: torch.export cannot trace a live one
     x = torch.relu(torch.randn(1, 64, 16, 24))
     with torch.no_grad():
         want, got = model.backbone[0].body.layer1[0](x), block(x)
@@ -218,3 +219,15 @@ def test_residual_quantizer_survives_conversion():
     print(f"block outputs equal within 1e-4: {100 * close.float().mean():.4f}%")
     assert close.float().mean() >= 0.999
     assert (got - want).abs().max() <= 1.5 * step  # a flipped residual code moves one step
+
+
+@pytest.mark.slow
+def test_residual_quantizer_engine_builds_and_runs(tmp_path):
+    """The whole GPU-engine build (torch.export) of a DETR-R18 with residual_bits=8, on the CPU."""
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
+    calibrate(model, [torch.randn(1, 3, H, W)], progress=False)
+    out = build_torch_engine(_save(model.eval(), tmp_path / "r18.safetensors"), tmp_path / "r18.qdtorch", 4,
+                             image_size=(H, W), batch=None, device="cpu", max_batch=2)
+    got = open_engine(out).run(_images(1))
+    assert got["boxes"].shape == (1, 100, 4) and np.isfinite(got["boxes"]).all()

@@ -336,6 +336,9 @@ def convert_model(model: nn.Module, bits: int = 4) -> Conversion:
                 parent._modules[child] = _convert_linear(module, name, bits, conv)
             else:
                 parent._modules[child] = _convert_attention(module, name, bits, conv)
+    for module in model.modules():  # output quantizers (QuantConfig.residual_bits) left in place: frozen
+        if isinstance(getattr(module, "out_act", None), ActQuantizer):
+            module.out_act = FakeQuantAct(module.out_act)
     return conv
 
 
