@@ -10,7 +10,9 @@ CKPT=$1 IMAGES=$2 ANN=$3 H=${4:-800} W=${5:-1216}
 # --- on the workstation (or on the Orin itself) ---
 # TensorRT accepts only zero-point-0, per-tensor INT8 activation Q/DQ: --target tensorrt rewrites the
 # asymmetric sub-8-bit quantizers exactly (float clip to the shifted range + INT8 Q/DQ) and --check lints
-# the graph statically (zero points, per-channel scales, opset, dtypes, unsupported ops).
+# the graph statically (zero points, per-channel scales, opset, dtypes, unsupported ops). A student quantized
+# with `qdetr-deploy quantize ... --zero-points zero` exports with no float fake-quant fallback at all
+# (add --strict-trt to insist on that).
 qdetr-deploy export "$CKPT" -o qdetr_trt.onnx --target tensorrt --image-size "$H" "$W" --check
 
 # --- on the Orin (pip install 'qdetr-deploy[tensorrt]'; JetPack ships tensorrt for its Python) ---

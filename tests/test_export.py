@@ -433,3 +433,21 @@ def test_residual_quantizer_without_the_option_and_for_tensorrt(tmp_path: Path) 
     assert "backbone.0.body.layer1.0.bn2.out_act/QuantizeLinear" in names
     report = check_onnx(result.path, model, random_images(1, (64, 64), seed=4))
     assert report.passed and report.lint == [], report.table()
+
+
+def test_zero_points_for_tensorrt_export_without_fallbacks(tmp_path: Path) -> None:
+    """act_zero_point="zero": zero points stay 0 (not learned) and 8-bit activations are signed, so the
+    TensorRT export writes every activation quantizer as int8 Q/DQ (no float fake-quant fallback), passes
+    the lint and matches PyTorch; with learned zero points the same model has fallbacks."""
+    learned = load_checkpoint(save_student(quantized_tiny("4-4-8"), tmp_path / "learned.safetensors"))
+    assert export_onnx(learned, tmp_path / "learned.onnx", target="tensorrt", batch=2).fallbacks
+    model = quantized_tiny("4-4-8", act_zero_point="zero")
+    quantizers = [q for n, q in model.named_modules() if type(q).__name__ == "ActQuantizer"]
+    assert all(float(q.zero_point.abs().max()) == 0 and not q.zero_point.requires_grad for q in quantizers)
+    assert all(bool(q.signed) for q in quantizers if q.bits == 8)
+    ckpt = load_checkpoint(save_student(model, tmp_path / "zero.safetensors"))
+    assert ckpt.model.quant_config.act_zero_point == "zero"
+    result = export_onnx(ckpt, tmp_path / "trt.onnx", target="tensorrt", batch=2)
+    assert result.fallbacks == []
+    report = check_onnx(result.path, ckpt.model, tolerance=1e-4)
+    assert report.passed and report.lint == [], report.table()

@@ -72,6 +72,21 @@ def test_export_accepts_quantize_output_unchanged(teacher: Path, calib_dir: Path
         assert meta["category_ids"] == [1, 3, 5]
 
 
+def test_quantize_deployment_options(teacher: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """--zero-points zero and --residual-bits 8 reach the student's QuantConfig (the tiny model has no
+    ResNet blocks, so no residual quantizer appears) and the TensorRT export then needs no fallback."""
+    student = tmp_path / "student.safetensors"
+    result = _quantize(teacher, student, calib_dir, "--zero-points", "zero", "--residual-bits", "8")
+    assert result.exit_code == 0, result.output + result.stderr
+    config = load_checkpoint(student).quant_config
+    assert config.act_zero_point == "zero" and config.residual_bits == 8
+    out = tmp_path / "trt.onnx"
+    result = CliRunner().invoke(cli, ["export", str(student), "-o", str(out), "--target", "tensorrt",
+                                      "--strict-trt", "--check"])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "parity check PASSED" in result.output
+
+
 def test_quantize_upstream_pth_teacher(calib_dir: Path, tmp_path: Path) -> None:
     pth = tmp_path / "upstream.pth"
     torch.save({"model": float_tiny(seed=8).state_dict(), "epoch": 3}, pth)

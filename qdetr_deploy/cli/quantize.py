@@ -26,17 +26,22 @@ import click
 @click.option("--residual-bits", type=click.Choice(["none", "8"]), default="none", show_default=True,
               help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
                    "kernels in ONNX Runtime/TensorRT; none: the paper's full-precision residual adds).")
+@click.option("--zero-points", "act_zero_point", type=click.Choice(["learned", "zero"]), default="learned",
+              show_default=True,
+              help="Activation zero points: learned (LSQ+, the paper) or zero, with 8-bit activations signed "
+                   "(every activation then exports to TensorRT int8 exactly).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
-                 residual_bits: str, trust_checkpoint: bool) -> None:
+                 residual_bits: str, act_zero_point: str, trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
     from qdetr_deploy.export.calibration import quantize_checkpoint
 
     path = quantize_checkpoint(teacher, out, bits=bits, calib=calib, calib_size=calib_size, method=method,
                                image_size=tuple(image_size), batch_size=batch_size,
                                act_granularity=act_granularity, da=da, trust=trust_checkpoint,
-                               residual_bits=None if residual_bits == "none" else int(residual_bits))
+                               residual_bits=None if residual_bits == "none" else int(residual_bits),
+                               act_zero_point=act_zero_point)
     click.echo(f"wrote {path} ({bits}, calibrated with {method})")
 
 

@@ -50,16 +50,18 @@ def quantize_checkpoint(teacher: str | os.PathLike, output: str | os.PathLike, *
                         calib: str | os.PathLike, calib_size: int = 32, method: str = "lsq+",
                         image_size: tuple[int, int] = (800, 800), batch_size: int = 4,
                         act_granularity: str = "tensor", da: str = "self", trust: bool = False,
-                        progress: bool = True, residual_bits: int | None = None) -> Path:
+                        progress: bool = True, residual_bits: int | None = None,
+                        act_zero_point: str = "learned") -> Path:
     """Load a full-precision checkpoint (ours or upstream .pth), quantize it to ``bits``, calibrate every step
     on ``calib_size`` images of ``calib`` and save the student (.safetensors) with its provenance.
-    ``residual_bits``: QuantConfig.residual_bits (None: the paper's full-precision residual adds)."""
+    ``residual_bits``, ``act_zero_point``: the QuantConfig fields (defaults: the paper's method)."""
     output = check_output_path(output)
     if method not in CALIBRATION_METHODS:
         raise QDetrError(f"calibration method {method!r} is not one of {list(CALIBRATION_METHODS)}")
     if calib_size < 1 or batch_size < 1:
         raise QDetrError("--calib-size and --batch-size must be >= 1")
-    config = QuantConfig.from_bits(bits, act_granularity=act_granularity, da=da, residual_bits=residual_bits)
+    config = QuantConfig.from_bits(bits, act_granularity=act_granularity, da=da, residual_bits=residual_bits,
+                                   act_zero_point=act_zero_point)
     files = list_images(calib, calib_size)
     ckpt = load_checkpoint(teacher, trust=trust)
     if is_quantized(ckpt.model):

@@ -79,6 +79,9 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             if isinstance(getattr(block, f"conv{last}"), QuantConv2d):
                 quantize_output(getattr(block, f"bn{last}"), config.residual_bits, sign)
                 quantize_output(block, config.residual_bits, sign)
+    if config.act_zero_point == "zero":
+        for _, q in act_quantizers(model):
+            q.fix_zero_point()
     model.quant_config = config
     return model
 

@@ -12,6 +12,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 DA_PLACEMENTS = ("none", "self", "cross", "both")
 GRANULARITIES = ("tensor", "channel")
 SIGN_RULES = ("auto", "signed")
+ZERO_POINTS = ("learned", "zero")
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
 # LayerNorm, softmax and residual adds are never swapped (``residual_bits`` adds input quantizers to the
@@ -38,6 +39,10 @@ class QuantConfig:
     act_sign: "auto" (released code: unsigned range when the first calibration batch has no value below
         -1e-5, signed otherwise) or "signed" (always the paper's signed range).
     stem_bits: bits of the first (stem) convolution's weights and input.
+    act_zero_point: "learned" (LSQ+, the paper: an integer zero point per activation quantizer) or "zero"
+        (for TensorRT, which takes only zero-point-0 int8 activations: zero points stay 0 and 8-bit
+        activations use the signed range, so every activation quantizer exports as TensorRT int8 Q/DQ
+        exactly; sub-8-bit unsigned ranges go through the clip identity). Choose it before distillation.
     residual_bits: None (the paper: residual adds in full precision) or 8: quantize both inputs of every
         ResNet block's residual add per tensor: the branch (the output of its last conv + batch norm) and
         the identity (the previous block's output, quantized after its final ReLU). A deployment option:
@@ -57,6 +62,7 @@ class QuantConfig:
     act_sign: str = "auto"
     stem_bits: int = 8
     residual_bits: int | None = None
+    act_zero_point: str = "learned"
     fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
 
     def __post_init__(self) -> None:
@@ -71,6 +77,7 @@ class QuantConfig:
         _check_choice("da", self.da, DA_PLACEMENTS)
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
         _check_choice("act_sign", self.act_sign, SIGN_RULES)
+        _check_choice("act_zero_point", self.act_zero_point, ZERO_POINTS)
 
     @classmethod
     def from_bits(cls, bits: str, **kwargs: Any) -> QuantConfig:

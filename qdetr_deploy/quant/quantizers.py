@@ -81,6 +81,18 @@ class ActQuantizer(nn.Module):
         self.register_buffer("init_state", torch.zeros(1))
         self.register_buffer("signed", torch.tensor(sign_rule == "signed"))
         self.observer: _Observer | None = None
+        self.fixed_zero = False  # QuantConfig.act_zero_point="zero" (set by quantize, see fix_zero_point)
+
+    def fix_zero_point(self) -> None:
+        """Keep the zero point at 0 (never learned) and give 8-bit codes the signed range: every such
+        quantizer is a TensorRT int8 Q/DQ with zero point 0 (QuantConfig.act_zero_point="zero")."""
+        self.fixed_zero = True
+        self.zero_point.requires_grad_(False)
+        with torch.no_grad():
+            self.zero_point.zero_()
+        if self.bits >= 8:
+            self.sign_rule = "signed"
+            self.signed.fill_(True)
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.channel_dim is None else f"channel(dim={self.channel_dim})"
@@ -155,6 +167,10 @@ class ActQuantizer(nn.Module):
             lo = torch.minimum(lo, torch.zeros_like(lo)) if not bool(self.signed) else lo
             alpha = (hi - lo).clamp_min(1e-8) / (qp - qn)
             zero = torch.round(qn - lo / alpha)
+        if self.fixed_zero:  # symmetric about 0: the observed range maps onto [Qn, Qp] without an offset
+            zero = torch.zeros_like(alpha)
+            if method != "lsq+":
+                alpha = torch.maximum(hi / qp, lo / qn if qn < 0 else torch.zeros_like(lo))
         alpha = alpha.clamp_min(1e-8)
         self.alpha.copy_(alpha.reshape(self.alpha.shape).to(self.alpha))
         self.zero_point.copy_(zero.reshape(self.zero_point.shape).to(self.zero_point))
