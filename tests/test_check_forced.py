@@ -16,6 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
+from test_export import SIZE, one_torch_thread  # noqa: F401 (autouse fixture)
+from test_export import quantized_tiny as _quantized_tiny
 
 from qdetr_deploy.checkpoints import load_checkpoint, save_checkpoint
 from qdetr_deploy.cli import cli
@@ -23,39 +25,15 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export import check
 from qdetr_deploy.export.check import check_onnx, forced_forward, random_images
 from qdetr_deploy.export.onnx_export import QUANTIZERS_KEY, build_onnx, export_onnx
-from qdetr_deploy.models import build_detr, get_preset
-from qdetr_deploy.quant import QuantConfig, calibrate, quantize
 from qdetr_deploy.quant.api import act_quantizers
 
-SIZE = (64, 64)
 FIRST = "backbone.0.body.conv1.act"  # its input is the image itself: identical on both sides
 EARLY = "backbone.0.body.layer1.0.act"  # fed by conv1 -> relu only
 
 
 def quantized_tiny(seed: int = 0, **kwargs) -> torch.nn.Module:
     """detr_tiny, random weights and batch-norm statistics, 4-4-8, calibrated on random images, eval."""
-    torch.manual_seed(seed)
-    model = build_detr(get_preset("detr_tiny", class_names=["circle", "square", "triangle"]))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    model = quantize(model.eval(), QuantConfig.from_bits("4-4-8", **kwargs))
-    gen = torch.Generator().manual_seed(seed + 1)
-    batches = [torch.randn(2, 3, *SIZE, generator=gen) for _ in range(2)]
-    return calibrate(model, batches, progress=False).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP spin-waiting makes small ops 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return _quantized_tiny("4-4-8", seed, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,14 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from qdetr_deploy.bench.cocoeval import evaluate_coco, load_coco_gt
-from qdetr_deploy.bench.latency import BLOCK, interleaved, latency_stats, memory_snapshot, time_call
+from qdetr_deploy.bench.latency import BLOCK, interleaved, latency_stats, memory_snapshot
 from qdetr_deploy.bench.preprocess import detections_to_coco, outputs_to_detections, preprocess
 from qdetr_deploy.engines import Engine, check_batch, open_engine
 from qdetr_deploy.errors import QDetrError
@@ -119,28 +120,29 @@ def detect_batch(engine: Engine, items: list[tuple[int, Path]], run_batch: int, 
 
 def _image_phase(engines: list[Engine], names: list[str], runs: list[int], items: list, batch: int,
                  warmup: int, progress: bool) -> tuple[dict, dict, dict]:
-    """Warm-up on the first batch, then one timed end-to-end pass; returns times, detections, kept inputs."""
+    """Warm-up, then one timed end-to-end pass over the images, the engines taking turns as in
+    :func:`latency.interleaved`; returns times, detections, kept inputs (the first KEEP_BATCHES batches).
+
+    A call for batch ``i`` stores that batch's detections (and input) under ``i``, so the untimed calls
+    (warm-up, settle) leave nothing twice: the timed pass overwrites what they stored."""
     chunks = [items[i: i + batch] for i in range(0, len(items), batch)]
-    dets: dict[str, list] = {n: [] for n in names}
-    kept: dict[str, list] = {n: [] for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    order = list(range(len(engines)))
+    found: dict[str, dict[int, list]] = {n: {} for n in names}
+    inputs: dict[str, dict[int, np.ndarray]] = {n: {} for n in names}
+
+    def runner(k: int) -> Callable[[int], None]:
+        def run(i: int) -> None:
+            i %= len(chunks)
+            keep: list | None = [] if i < KEEP_BATCHES else None
+            found[names[k]][i] = detect_batch(engines[k], chunks[i], runs[k], keep=keep)
+            if keep:
+                inputs[names[k]][i] = keep[0]
+        return run
+
     with _bar((warmup + len(chunks)) * len(engines), "images", progress) as bar:
-        for i in range(warmup):
-            for k in order[i % len(order):] + order[: i % len(order)]:
-                detect_batch(engines[k], chunks[0], runs[k])
-                bar.update(1)
-        for b, start in enumerate(range(0, len(chunks), BLOCK)):
-            block = chunks[start:start + BLOCK]
-            for k in order[b % len(order):] + order[: b % len(order)]:
-                if len(engines) > 1:  # settle run, untimed (see latency.interleaved)
-                    detect_batch(engines[k], block[0], runs[k])
-                for chunk in block:
-                    dt, out = time_call(lambda k=k, chunk=chunk: detect_batch(engines[k], chunk, runs[k],
-                                                                              keep=kept[names[k]]))
-                    times[names[k]].append(dt)
-                    dets[names[k]] += out
-                    bar.update(1)
+        runners = {n: runner(k) for k, n in enumerate(names)}
+        times = interleaved(runners, warmup, len(chunks), bar, block=BLOCK)
+    dets = {n: [d for i in sorted(found[n]) for d in found[n][i]] for n in names}
+    kept = {n: [inputs[n][i] for i in sorted(inputs[n])] for n in names}
     return times, dets, kept
 
 
