@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from qdetr_deploy import released
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
 from qdetr_deploy.models import DetrConfig, build_detr
@@ -77,16 +78,22 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, category_ids: lis
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, device: str = "cpu",
                     quant_config: QuantConfig | None = None) -> Checkpoint:
-    """Load ours (.safetensors) or an upstream DETR checkpoint (.pth) into a model.
+    """Load ours (.safetensors), an upstream DETR checkpoint (.pth) or a released Q-DETR checkpoint
+    (quantized SMCA-DETR, .pth; ``qdetr_deploy.released``) into a model.
 
-    ``quant_config`` only applies to upstream checkpoints (a float model, quantized after loading).
+    ``quant_config`` applies to upstream checkpoints (a float model, quantized after loading) and gives
+    the bits of a released model-zoo file (which stores none; its training files store ``args.n_bit``).
     """
     path = Path(path)
     if not path.is_file():
         raise QDetrError("checkpoint not found", path)
     if _is_safetensors(path):
         return _load_ours(path, device)
-    ckpt = _load_upstream(path, trust, device)
+    obj = _torch_load(path, trust)
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and released.is_released_state(state):
+        return _load_released(obj, state, path, quant_config, device)
+    ckpt = _load_upstream(obj, state, path, device)
     if quant_config is not None:
         quantize(ckpt.model, quant_config)
         ckpt.quant_config = quant_config
@@ -126,9 +133,15 @@ def _load_ours(path: Path, device: str) -> Checkpoint:
     return Checkpoint(model.to(device), config, qconfig, path, category_ids, meta)
 
 
-def _load_upstream(path: Path, trust: bool, device: str) -> Checkpoint:
-    obj = _torch_load(path, trust)
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
+def _load_released(obj: Any, state: dict, path: Path, bits: QuantConfig | None, device: str) -> Checkpoint:
+    """A released Q-DETR checkpoint (quantized SMCA-DETR); bits from ``args.n_bit`` or ``bits``."""
+    qconfig = released.released_bits(obj, bits, path)
+    model = released.build_released(state, qconfig, path)
+    meta = {"source": released.FORMAT_NAME, "epoch": obj.get("epoch") if isinstance(obj, dict) else None}
+    return Checkpoint(model.to(device), model.config, qconfig, path, None, meta)
+
+
+def _load_upstream(obj: Any, state: Any, path: Path, device: str) -> Checkpoint:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise QDetrError("not a DETR checkpoint (expected {'model': state_dict} or a state dict)", path)
     config = infer_detr_config(state, path)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .smca_config import SMCA_PRESETS, SMCAConfig
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")
 
 
@@ -83,8 +85,12 @@ PRESETS: dict[str, DetrConfig] = {
 }
 
 
-def get_preset(name: str, **overrides: Any) -> DetrConfig:
-    """A fresh copy of preset ``name``, with optional field overrides; unknown name -> ``KeyError``."""
+def get_preset(name: str, **overrides: Any) -> DetrConfig | SMCAConfig:
+    """A fresh copy of preset ``name`` (DETR or SMCA-DETR), with optional field overrides; unknown name ->
+    ``KeyError``."""
+    if name in SMCA_PRESETS:
+        return SMCAConfig.from_dict({**SMCA_PRESETS[name].to_dict(), **overrides})
     if name not in PRESETS:
-        raise KeyError(f"unknown DETR preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        known = ", ".join(sorted([*PRESETS, *SMCA_PRESETS]))
+        raise KeyError(f"unknown DETR preset {name!r}; known: {known}")
     return DetrConfig.from_dict({**PRESETS[name].to_dict(), **overrides})

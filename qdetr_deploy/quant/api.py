@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.models.smca_detr import SMCADETR
 from qdetr_deploy.quant.config import QuantConfig
 from qdetr_deploy.quant.modules import (
     QuantConv2d,
@@ -27,6 +28,7 @@ from qdetr_deploy.quant.modules import (
     quantize_output,
 )
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
+from qdetr_deploy.quant.smca import quantize_smca
 
 CALIBRATION_METHODS = ("lsq+", "minmax", "percentile")
 
@@ -54,6 +56,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
     """
     if is_quantized(model):
         raise QDetrError("model is already quantized")
+    if isinstance(model, SMCADETR):
+        return quantize_smca(model, config)
     per_ch = config.act_granularity == "channel"
     sign = config.act_sign
     stem_done = False

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kernels.packing import int_range  # the one integer-range rule, shared with the kernels
 
-__all__ = ["act_codes", "fake_quant_act", "fake_quant_weight", "grad_scale", "int_range", "lsq_grad_scale",
+__all__ = ["act_codes", "fake_quant_act", "fake_quant_act_shifted", "fake_quant_weight", "grad_scale", "int_range", "lsq_grad_scale",
            "positive_step", "round_ste", "weight_codes"]
 
 
@@ -82,6 +82,20 @@ def fake_quant_act(x: Tensor, alpha: Tensor, zero_point: Tensor, qn: int, qp: in
     a = grad_scale(positive_step(alpha), g)
     z = round_ste(grad_scale(zero_point, g))
     q = torch.clamp(round_ste(x / a) + z, qn, qp)
+    return (q - z) * a
+
+
+def fake_quant_act_shifted(x: Tensor, alpha: Tensor, zero_point: Tensor, qn: int, qp: int,
+                           g: float = 1.0) -> Tensor:
+    """The released Q-DETR arithmetic: ``q = round(clamp(x/a + z, Qn, Qp))``, ``x_hat = (q - z) * a``.
+
+    Equal to :func:`fake_quant_act` except at exact ties x/a = k + 1/2 with an odd z (round half to even
+    before or after the shift) and for float rounding of the sum x/a + z; the released SMCA-DETR
+    (``qdetr_deploy.quant.smca``) uses it so that its float64 forward is bit-exact with the released code.
+    """
+    a = grad_scale(positive_step(alpha), g)
+    z = round_ste(grad_scale(zero_point, g))
+    q = round_ste(torch.clamp(x / a + z, qn, qp))
     return (q - z) * a
 
 

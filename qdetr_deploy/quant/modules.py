@@ -2,6 +2,7 @@
 
 - :class:`QuantConv2d`, :class:`QuantLinear`: b-bit per-channel weights (``alpha``) and a b-bit input
   quantizer (``act``).
+- :class:`WeightQuantLinear`: b-bit per-channel weights, float input (SMCA self-attention projections).
 - :class:`QuantMultiheadAttention`: b-bit ``in_proj_weight`` (step ``in_proj_alpha``) with input quantizers
   ``query_act``, ``key_act``, ``value_act``; 8-bit ``q_act``, ``k_act``, ``v_act`` and ``attn_act`` (softmax
   output) inside attention; optional DA ``norm_q`` before ``q_act``. ``out_proj`` becomes a QuantLinear.
@@ -57,6 +58,20 @@ class QuantLinear(WeightQuantMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.act(x), self.quant_weight(), self.bias)
+
+
+class WeightQuantLinear(WeightQuantMixin, nn.Linear):
+    """Linear with LSQ+ per-output-channel weights and a full-precision input (SMCA self-attention
+    ``in_proj`` / ``out_proj`` as released: weights quantized, no input quantizer)."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int) -> WeightQuantLinear:
+        linear.__class__ = cls
+        linear._init_weight_quant(w_bits)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quant_weight(), self.bias)
 
 
 class QuantMultiheadAttention(WeightQuantMixin, MultiheadAttention):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from qdetr_deploy.quant.lsq import (
     fake_quant_act,
+    fake_quant_act_shifted,
     fake_quant_weight,
     int_range,
     lsq_grad_scale,
@@ -82,6 +83,9 @@ class ActQuantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(sign_rule == "signed"))
         self.observer: _Observer | None = None
         self.fixed_zero = False  # QuantConfig.act_zero_point="zero" (set by quantize, see fix_zero_point)
+        # True: round after adding the zero point, the released Q-DETR arithmetic (lsq.fake_quant_act_shifted;
+        # set for the released SMCA-DETR by quant.smca); False: round(x/a) + z, as ONNX QuantizeLinear
+        self.round_after_shift = False
 
     def fix_zero_point(self) -> None:
         """Keep the zero point at 0 (never learned) and give 8-bit codes the signed range: every such
@@ -131,7 +135,8 @@ class ActQuantizer(nn.Module):
             self.init_lsq_plus(x)
         qn, qp = self.qrange()
         g = lsq_grad_scale(x.numel() // self.alpha.numel(), qp)
-        return fake_quant_act(x, self._view(self.alpha, x), self._view(self.zero_point, x), qn, qp, g)
+        fake_quant = fake_quant_act_shifted if self.round_after_shift else fake_quant_act
+        return fake_quant(x, self._view(self.alpha, x), self._view(self.zero_point, x), qn, qp, g)
 
     # -- initialisation ------------------------------------------------------------------------------
     def start_observing(self, percentile: float | None = None) -> None:
