@@ -81,8 +81,8 @@ def released_quant_config(bits: str | QuantConfig) -> QuantConfig:
     from the file, DA in decoder self-attention, 8-bit stem."""
     q = bits if isinstance(bits, QuantConfig) else QuantConfig.from_bits(bits)
     if q.w_bits != q.a_bits or q.attn_bits != 8:
-        raise QDetrError(f"--bits {q.bits}: the released Q-DETR quantizes weights and activations to the same "
-                         "n bits and attention to 8 (e.g. --bits 4-4-8 or --bits 2-2-8)")
+        raise QDetrError(f"--bits {q.bits}: the released Q-DETR quantizes weights and activations to the "
+                         "same n bits and attention to 8 (e.g. --bits 4-4-8 or --bits 2-2-8)")
     return QuantConfig(w_bits=q.w_bits, a_bits=q.a_bits, attn_bits=8, act_granularity="channel", da="self",
                        act_sign="auto", stem_bits=8)
 

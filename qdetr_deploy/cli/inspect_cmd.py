@@ -10,20 +10,24 @@ from qdetr_deploy.errors import QDetrError
 
 
 def _load(ckpt: str | None, arch: str | None, bits: str | None, trust: bool):
+    """(model, where it came from)."""
     from qdetr_deploy.checkpoints import load_checkpoint
-    from qdetr_deploy.models import build_detr, get_preset
+    from qdetr_deploy.models import build_model, get_preset
     from qdetr_deploy.quant import QuantConfig, quantize
+    from qdetr_deploy.released import FORMAT_NAME
 
     qconfig = QuantConfig.from_bits(bits) if bits and bits != "fp32" else None
     if ckpt:
-        return load_checkpoint(ckpt, trust=trust, quant_config=qconfig).model
+        loaded = load_checkpoint(ckpt, trust=trust, quant_config=qconfig)
+        source = {"upstream": "upstream DETR format", FORMAT_NAME: FORMAT_NAME}
+        return loaded.model, source.get(loaded.meta.get("source"), "qdetr-deploy checkpoint")
     if not arch:
         raise QDetrError("give a checkpoint or --arch (e.g. --arch detr_r50 --bits 4-4-8)")
     try:
-        model = build_detr(get_preset(arch))
+        model = build_model(get_preset(arch))
     except KeyError as e:
         raise QDetrError(str(e.args[0])) from None
-    return quantize(model, qconfig) if qconfig else model
+    return (quantize(model, qconfig) if qconfig else model), f"untrained {arch}"
 
 
 def _print_table(report: dict) -> None:
@@ -41,7 +45,12 @@ def _print_table(report: dict) -> None:
         table.add_row(r["name"], r["kind"], *bits, f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}", *steps)
     console = Console(width=None if Console().is_terminal else 160)
     console.print(table)
+    _print_summary(console, report)
+
+
+def _print_summary(console, report: dict) -> None:
     e = report["exact"]
+    console.print(report["model"])
     console.print(
         f"size {report['size_mb']:.2f} MB (full precision {report['fp_size_mb']:.2f} MB, "
         f"x{report['size_reduction']:.2f}); operations {report['gops']:.2f} G (full precision "
@@ -52,8 +61,10 @@ def _print_table(report: dict) -> None:
 
 @click.command("inspect")
 @click.argument("ckpt", required=False, type=click.Path(dir_okay=False))
-@click.option("--arch", help="Preset for an untrained model: detr_r50, detr_r101, detr_r18, detr_tiny.")
-@click.option("--bits", help="W-A-ATTN bits (e.g. 4-4-8) to quantize with, or fp32.")
+@click.option("--arch", help="Preset for an untrained model: detr_r50, detr_r101, detr_r18, detr_tiny, "
+              "smca_r50, smca_small.")
+@click.option("--bits", help="W-A-ATTN bits (e.g. 4-4-8) to quantize with, or fp32; for a released Q-DETR "
+              "checkpoint, its bits (4-4-8 or 2-2-8: the file does not store them).")
 @click.option("--input-size", nargs=2, type=click.IntRange(min=32), default=None, metavar="H W",
               help="Input size for the operation count (default 800 1133).")
 @click.option("--accounting", type=click.Choice(["paper", "exact"]), default="paper", show_default=True,
@@ -65,8 +76,8 @@ def inspect_cmd(ckpt, arch, bits, input_size, accounting, as_json, layers, trust
     """Per-layer bits and step sizes, model size (MB) and operations (G) with reduction factors."""
     from qdetr_deploy.quant.accounting import DEFAULT_INPUT_SIZE, inspect_model
 
-    model = _load(ckpt, arch, bits, trust_checkpoint)
-    report = inspect_model(model, tuple(input_size or DEFAULT_INPUT_SIZE), accounting)
+    model, source = _load(ckpt, arch, bits, trust_checkpoint)
+    report = inspect_model(model, tuple(input_size or DEFAULT_INPUT_SIZE), accounting, source)
     if not layers:
         report.pop("layers")
     if as_json:

@@ -103,4 +103,5 @@ class SMCABackbone(BackboneBase):
 
 def build_smca_backbone(layers: tuple[int, ...], width_per_group: int, hidden_dim: int) -> Joiner:
     """Backbone + sine position embedding (normalised, ``hidden_dim // 2`` features per axis)."""
-    return Joiner(SMCABackbone(layers, width_per_group), PositionEmbeddingSine(hidden_dim // 2, normalize=True))
+    position = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+    return Joiner(SMCABackbone(layers, width_per_group), position)

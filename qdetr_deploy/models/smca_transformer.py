@@ -21,7 +21,8 @@ REF_STRIDE = 32  # the released code scales the reference by the unpadded size /
 
 
 class SMCAEncoderLayer(nn.Module):
-    """src = norm1(src + self_attn(src + pos, src + pos, src)); src = norm2(src + linear2(relu(linear1(src))))."""
+    """src = norm1(src + self_attn(src + pos, src + pos, src));
+    src = norm2(src + linear2(relu(linear1(src))))."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.models.smca_attention import SMCAMultiheadAttention
+from qdetr_deploy.models.smca_detr import SMCADETR
 from qdetr_deploy.quant.quantizers import WeightQuantMixin
 
 BIT_OP_FACTOR = {2: 1 / 32, 3: 1 / 16, 4: 1 / 8, 8: 1 / 4, 32: 1.0}
@@ -78,9 +80,8 @@ def _steps(module: nn.Module) -> tuple[float | None, float | None, float | None]
     return float(a.mean()), float(a.min()), float(a.max())
 
 
-def _attn_bits(module: MultiheadAttention) -> int:
-    q_act = getattr(module, "q_act", None)
-    return q_act.bits if q_act is not None else 32
+def _attn_bits(module: nn.Module) -> int:
+    return getattr(getattr(module, "q_act", None), "bits", 32)  # float SMCA attention: an nn.Identity slot
 
 
 def layer_costs(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -> list[LayerCost]:
@@ -104,22 +105,27 @@ def layer_costs(model: nn.Module, input_size: tuple[int, int], batch: int = 1) -
         return hook
 
     def attn_hook(name):
-        def hook(m: MultiheadAttention, inp, out):
+        def hook(m: MultiheadAttention | SMCAMultiheadAttention, inp, out):
             (lq, b, e), lk = inp[0].shape, inp[1].shape[0]
-            w, a = _bits(m)
             proj = (lq + 2 * lk) * b * e * e
-            records.append(LayerCost(f"{name}.in_proj", "attn_proj", m.in_proj_weight.numel(), proj, w, a,
-                                     *_steps(m)))
+            smca = isinstance(m, SMCAMultiheadAttention)
+            layer = m.in_proj if smca else m  # SMCA: the forward uses slices of its in_proj's weight
+            w, a = _bits(layer)
+            params = (m.in_proj.weight if smca else m.in_proj_weight).numel()
+            records.append(LayerCost(f"{name}.in_proj", "attn_proj", params, proj, w, a, *_steps(layer)))
             ab = _attn_bits(m)
             records.append(LayerCost(f"{name}.matmul", "attn_matmul", 0, 2 * b * lq * lk * e, ab, ab))
         return hook
 
+    skip = {f"{n}.in_proj" for n, m in model.named_modules() if isinstance(m, SMCAMultiheadAttention)}
     for name, m in model.named_modules():
+        if name in skip:
+            continue  # counted by its attention's hook (the forward uses slices of its weight)
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook(name)))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook(name)))
-        elif isinstance(m, MultiheadAttention):
+        elif isinstance(m, (MultiheadAttention, SMCAMultiheadAttention)):
             hooks.append(m.register_forward_hook(attn_hook(name)))
     was_training = model.training
     model.eval()
@@ -188,14 +194,24 @@ PAPER_DETR_R50 = {  # QDETR_METHOD.md §5
 }
 
 
+def describe(model: nn.Module, source: str | None = None) -> str:
+    """What a model is, in words: e.g. "quantized SMCA-DETR, released Q-DETR format, 4-4-8"."""
+    qconfig = getattr(model, "quant_config", None)
+    arch = "SMCA-DETR" if isinstance(model, SMCADETR) else "DETR"
+    parts = [f"{'quantized ' if qconfig else ''}{arch}", source, qconfig.bits if qconfig else "fp32"]
+    return ", ".join(p for p in parts if p)
+
+
 def inspect_model(model: nn.Module, input_size: tuple[int, int] = DEFAULT_INPUT_SIZE,
-                  mode: str = "paper") -> dict:
-    """Per-layer table and totals (size MB, GOPs, reductions) of a float or quantized DETR."""
+                  mode: str = "paper", source: str | None = None) -> dict:
+    """Per-layer table and totals (size MB, GOPs, reductions) of a float or quantized DETR or SMCA-DETR;
+    ``source``: where it came from (e.g. "released Q-DETR format"), named in ``model``."""
     records = layer_costs(model, input_size)
     cost = model_cost(model, records, input_size, mode)
     exact = model_cost(model, records, input_size, "exact")
     qconfig = getattr(model, "quant_config", None)
     return {
+        "model": describe(model, source),
         **cost.to_dict(),
         "bits": qconfig.bits if qconfig else "fp32",
         "exact": {k: v for k, v in exact.to_dict().items() if k in ("size_mb", "gops", "size_reduction",

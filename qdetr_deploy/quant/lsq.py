@@ -21,8 +21,8 @@ from torch import Tensor
 
 from kernels.packing import int_range  # the one integer-range rule, shared with the kernels
 
-__all__ = ["act_codes", "fake_quant_act", "fake_quant_act_shifted", "fake_quant_weight", "grad_scale", "int_range", "lsq_grad_scale",
-           "positive_step", "round_ste", "weight_codes"]
+__all__ = ["act_codes", "fake_quant_act", "fake_quant_act_shifted", "fake_quant_weight", "grad_scale",
+           "int_range", "lsq_grad_scale", "positive_step", "round_ste", "weight_codes"]
 
 
 class _RoundSTE(torch.autograd.Function):
