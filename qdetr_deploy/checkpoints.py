@@ -28,7 +28,7 @@ from torch import nn
 from qdetr_deploy import released
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
-from qdetr_deploy.models import DetrConfig, build_detr
+from qdetr_deploy.models import DetrConfig, SMCAConfig, build_detr, build_model
 from qdetr_deploy.quant import QuantConfig, quantize
 
 FORMAT = "qdetr-ckpt/1"
@@ -39,7 +39,7 @@ class Checkpoint:
     """A loaded model with what it was built from."""
 
     model: nn.Module
-    detr_config: DetrConfig
+    detr_config: DetrConfig | SMCAConfig
     quant_config: QuantConfig | None
     path: Path
     category_ids: list[int] | None = None
@@ -119,14 +119,15 @@ def _load_ours(path: Path, device: str) -> Checkpoint:
     if header.get("format") != FORMAT:
         raise QDetrError("safetensors file without qdetr-deploy metadata (not a qdetr checkpoint)", path)
     try:
-        config = DetrConfig.from_dict(json.loads(header["detr_config"]))
+        cdict = json.loads(header["detr_config"])
+        config = (SMCAConfig if cdict.get("arch") == "smca" else DetrConfig).from_dict(cdict)
         qdict = json.loads(header["quant_config"])
         qconfig = QuantConfig.from_dict(qdict) if qdict else None
         category_ids = json.loads(header.get("category_ids", "null"))
         meta = json.loads(header.get("meta", "{}"))
     except (KeyError, ValueError, TypeError) as e:
         raise QDetrError(f"damaged checkpoint metadata ({_short(e)})", path) from None
-    model = build_detr(config)
+    model = build_model(config)
     if qconfig is not None:
         quantize(model, qconfig)
     load_state(model, state, path)

@@ -319,3 +319,15 @@ def test_cli_inspect_and_bad_files(tmp_path, fixture_dir):
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
         assert needle in lines[0] and "Traceback" not in result.output
+
+
+def test_saves_and_reloads_in_our_format(tmp_path, fixture_dir):
+    from qdetr_deploy.checkpoints import save_checkpoint
+
+    model = released_model(fixture_dir, "2-2-8", torch.float32)
+    path = save_checkpoint(model, tmp_path / "smca.safetensors")
+    back = load_checkpoint(path)
+    assert back.quant_config.bits == "2-2-8" and back.detr_config == model.config
+    own, loaded = model.state_dict(), back.model.state_dict()
+    assert own.keys() == loaded.keys() and all(torch.equal(own[k], loaded[k]) for k in own)
+    assert all(q.round_after_shift for q in back.model.modules() if hasattr(q, "round_after_shift"))
