@@ -331,3 +331,27 @@ def test_saves_and_reloads_in_our_format(tmp_path, fixture_dir):
     own, loaded = model.state_dict(), back.model.state_dict()
     assert own.keys() == loaded.keys() and all(torch.equal(own[k], loaded[k]) for k in own)
     assert all(q.round_after_shift for q in back.model.modules() if hasattr(q, "round_after_shift"))
+
+
+class _TopK(torch.nn.Module):
+    def forward(self, logits, boxes, sizes):
+        return sigmoid_topk(logits, boxes, sizes)
+
+
+def test_sigmoid_topk_exports_to_onnx(tmp_path):
+    """The SMCA post-processing runs in ONNX Runtime with the same detections as in torch."""
+    ort = pytest.importorskip("onnxruntime")
+    gen = torch.Generator().manual_seed(0)
+    logits, boxes = torch.randn(2, 5, 7, generator=gen), torch.rand(2, 5, 4, generator=gen)
+    sizes = torch.tensor([[480, 640], [640, 481]])
+    path = tmp_path / "topk.onnx"
+    torch.onnx.export(_TopK().eval(), (logits, boxes, sizes), str(path), dynamo=False, opset_version=17,
+                      input_names=["logits", "boxes", "sizes"],
+                      output_names=["scores", "labels", "xyxy", "index"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"logits": logits.numpy(), "boxes": boxes.numpy(), "sizes": sizes.numpy()})
+    want = sigmoid_topk(logits, boxes, sizes)
+    assert want[0].shape == (2, 5) and (want[0][:, :-1] >= want[0][:, 1:]).all()
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(want[1].numpy(), want[3].numpy() % 7)
