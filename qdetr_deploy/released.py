@@ -112,7 +112,8 @@ def load_released_state(model: nn.Module, state: dict[str, torch.Tensor], path: 
     Reads only the keys ``model`` has (each one the forward uses); unused keys are never touched.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # init_state flags are train-only (forced to 1 below): a file saved without them still loads
+    missing = [k for k in own if k not in state and not k.endswith("init_state")]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise QDetrError(f"{FORMAT_NAME} checkpoint lacks {missing[0]}{more}, which the forward needs", path)
@@ -121,6 +122,8 @@ def load_released_state(model: nn.Module, state: dict[str, torch.Tensor], path: 
         log.warning("%s: %d unknown key(s) ignored: %s", path, len(unknown), ", ".join(unknown))
     with torch.no_grad():
         for key, target in own.items():
+            if key not in state:
+                continue  # an init_state flag
             src = state[key]
             if src.numel() != target.numel():
                 raise QDetrError(f"{FORMAT_NAME}: {key} has shape {list(src.shape)}, the model needs "

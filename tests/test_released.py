@@ -267,6 +267,10 @@ def test_unknown_keys_warn_missing_keys_fail(tmp_path, state, caplog):
     torch.save({"model": {k: v for k, v in state.items() if k != gone}}, missing)
     with pytest.raises(QDetrError, match=rf"missing\.pth: .*lacks {re.escape(gone)}, which"):
         load_checkpoint(missing, quant_config=QuantConfig.from_bits("4-4-8"))
+    flags = tmp_path / "no_init_state.pth"  # train-only flags: not needed
+    torch.save({"model": {k: v for k, v in state.items() if not k.endswith("init_state")}}, flags)
+    model = load_checkpoint(flags, quant_config=QuantConfig.from_bits("4-4-8")).model
+    assert all(b.item() == 1 for n, b in model.named_buffers() if n.endswith("init_state"))
 
 
 def test_bits_from_flag_or_training_args(tmp_path, fixture_dir, state):

@@ -9,7 +9,7 @@ from .smca_config import SMCA_PRESETS, SMCAConfig
 from .smca_detr import SMCADETR, build_smca_detr
 
 
-def build_model(cfg: DetrConfig | SMCAConfig):
+def build_model(cfg: DetrConfig | SMCAConfig) -> DETR | SMCADETR:
     """An untrained DETR or SMCA-DETR, whichever ``cfg`` describes."""
     return build_smca_detr(cfg) if isinstance(cfg, SMCAConfig) else build_detr(cfg)
 
