@@ -10,9 +10,17 @@ import click
 @click.command("export")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.onnx")
-@click.option("--opset", type=int, default=21, show_default=True, help="17..21; INT4 weights need 21.")
+@click.option("--opset", type=int, default=None,
+              help="17..21; INT4 weights need 21 (default: 21; tensorrt: the highest opset --trt-version "
+                   "documents, 20 for 10.3).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="tensorrt: zero-point-0 per-tensor int8 Q/DQ only.")
+              show_default=True, help="tensorrt: what TensorRT accepts: zero-point-0 per-tensor int8 Q/DQ, "
+              "INT8 weights (INT4 only for weight-only GEMMs, block-quantized).")
+@click.option("--trt-version", default="10.3", show_default=True,
+              help="tensorrt: the TensorRT that builds the engine (10.3 = JetPack 6, the oldest supported): "
+                   "the opset and the --check lint follow its rules.")
+@click.option("--trt-sm", default=None, metavar="MAJOR.MINOR",
+              help="tensorrt --check: the GPU's compute capability (e.g. 8.7 for Orin), for the FP8 rule.")
 @click.option("--image-size", nargs=2, type=click.IntRange(min=32), default=None, metavar="H W",
               help="Fixed input canvas (default: the checkpoint's calibration size, else 800 800).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch.")
@@ -36,7 +44,8 @@ import click
               show_default=True, help="--check: layer: every layer matches given the same quantized inputs; "
               "end-to-end: the whole network too.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
-def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[int, int] | None, batch: int,
+def export_cmd(ckpt: str, out: str, opset: int | None, target: str, trt_version: str, trt_sm: str | None,
+               image_size: tuple[int, int] | None, batch: int,
                dynamic_batch: bool, postprocess: bool, weight_container: str | None, conv_bias: str | None,
                strict_trt: bool,
                check: bool, check_images: str | None, tolerance: float, check_criterion: str,
@@ -48,9 +57,10 @@ def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[i
     from qdetr_deploy.io import check_output_path
 
     check_output_path(out)
+    cc = _compute_capability(trt_sm)
     files = list_images(check_images, 16) if check and check_images else None
     loaded = load_checkpoint(ckpt, trust=trust_checkpoint)
-    result = export_onnx(loaded, out, opset=opset, target=target,
+    result = export_onnx(loaded, out, opset=opset, target=target, trt_version=trt_version,
                          image_size=tuple(image_size) if image_size else None, batch=batch,
                          dynamic_batch=dynamic_batch, postprocess=postprocess,
                          weight_container=weight_container, strict_trt=strict_trt, conv_bias=conv_bias)
@@ -60,15 +70,26 @@ def export_cmd(ckpt: str, out: str, opset: int, target: str, image_size: tuple[i
     for name, reason in result.fallbacks:
         click.echo(f"  float fake-quant fallback {name}: {reason}")
     if check:
-        _check(result, loaded.model, files, tolerance, check_criterion)
+        _check(result, loaded.model, files, tolerance, check_criterion, trt_version, cc)
 
 
-def _check(result, model, files, tolerance: float, criterion: str) -> None:
+def _compute_capability(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    major, _, minor = text.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise click.BadParameter(f"{text!r} is not MAJOR.MINOR (e.g. 8.7)", param_hint="--trt-sm")
+    return int(major), int(minor)
+
+
+def _check(result, model, files, tolerance: float, criterion: str, trt_version: str,
+           cc: tuple[int, int] | None) -> None:
     from qdetr_deploy.export.calibration import load_images
     from qdetr_deploy.export.check import check_onnx
 
     images = load_images(files, tuple(result.metadata["input_size"])) if files else None
-    report = check_onnx(result.path, model, images, tolerance=tolerance, criterion=criterion)
+    report = check_onnx(result.path, model, images, tolerance=tolerance, criterion=criterion,
+                        trt_version=trt_version, compute_capability=cc)
     click.echo(report.table())
     if not report.passed:
         click.echo("check failed: " + "; ".join(report.failures), err=True)

@@ -42,7 +42,7 @@ from torch import nn
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.onnx_export import QUANTIZERS_KEY
-from qdetr_deploy.export.trt_lint import LintViolation, lint_tensorrt
+from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, LintViolation, lint_tensorrt
 from qdetr_deploy.quant.api import act_quantizers
 from qdetr_deploy.quant.lsq import act_codes, positive_step
 
@@ -221,11 +221,13 @@ class _Tally:
 
 def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarray | None = None, *,
                tolerance: float = 1e-4, min_code_agreement: float = 0.999, lint: bool | None = None,
-               threads: int | None = None, criterion: str = "layer") -> CheckReport:
+               threads: int | None = None, criterion: str = "layer", trt_version: str = DEFAULT_TRT_VERSION,
+               compute_capability: tuple[int, int] | None = None) -> CheckReport:
     """Check ``onnx_path`` (written by export_onnx) against ``model`` (the checkpoint's model, run in eval).
 
     ``images``: float32 [N,3,H,W] on the canvas (None: 2 batches of deterministic random images).
-    ``lint``: run the TensorRT lint (default: when the model's target is tensorrt).
+    ``lint``: run the TensorRT lint (default: when the model's target is tensorrt) for ``trt_version`` (on a
+    GPU of ``compute_capability``, when given).
     ``criterion``: "layer" passes on the onnx checker, the lint when run, and the per-layer (teacher-forced)
     figures: probabilities and boxes within ``tolerance``, codes agreeing >= ``min_code_agreement``;
     "end-to-end" also requires the same bars of the end-to-end figures.
@@ -261,10 +263,10 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
         # the probe copy's own final outputs: the forced codes are that session's, whose kernels may differ
         layer.add(pout, pout, records, forced_forward(model, x, onnx_codes, records), (H, W))
     do_lint = lint if lint is not None else records["target"] == "tensorrt"
+    lint_found = lint_tensorrt(proto, trt_version, compute_capability) if do_lint else None
     report = CheckReport(False, checker_ok, checker_error, len(images), e2e.prob, e2e.box,
                          e2e.label_agreement, e2e.codes_total, e2e.codes_equal, tolerance,
-                         min_code_agreement, e2e.worst(), e2e.first(),
-                         lint_tensorrt(proto) if do_lint else None, criterion=criterion,
+                         min_code_agreement, e2e.worst(), e2e.first(), lint_found, criterion=criterion,
                          layer_prob_diff=layer.prob, layer_box_diff=layer.box,
                          layer_label_agreement=layer.label_agreement, layer_codes_equal=layer.codes_equal,
                          layer_first_mismatch=layer.first(), layer_mismatches=layer.mismatches())

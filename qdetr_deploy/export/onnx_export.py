@@ -26,6 +26,7 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export import folding
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
+from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, check_trt_version, opset_range
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.models.backbone import output_size
 from qdetr_deploy.quant.api import is_quantized
@@ -34,6 +35,7 @@ FORMAT = "qdetr-onnx/1"
 METADATA_KEY = "qdetr"
 QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes live (used by the check)
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
+DEFAULT_OPSET = 21
 DEFAULT_IMAGE_SIZE = (800, 800)
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit, with a margin
 DEFAULT_CONV_BIAS = {"onnxruntime": "float", "tensorrt": "float"}
@@ -50,16 +52,19 @@ class ExportResult:
     act_modes: dict[str, int] = field(default_factory=dict)
 
 
-def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int = 21, target: str = "onnxruntime",
+def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | None = None,
+               target: str = "onnxruntime", trt_version: str = DEFAULT_TRT_VERSION,
                batch: int | None = 1, postprocess: bool = True, weight_container: str | None = None,
                strict_trt: bool = False, conv_bias: str | None = None) -> tuple[onnx.ModelProto, Ctx]:
     """Build the ONNX graph of ``model`` (float or quantized DETR, eval semantics) for a fixed (H, W) canvas.
 
-    ``batch=None`` makes the batch dimension dynamic. ``conv_bias``: "float" (exact separate bias Add) or
-    "int32" (onnxruntime: conv biases rounded onto the int32 grid where the conv can become QLinearConv;
-    folding.conv_relu_quant); None: the target's default (:data:`DEFAULT_CONV_BIAS`). Returns the model
-    (no metadata yet) and the build context (activation records, fallbacks).
+    ``opset`` None: :func:`default_opset` (the tensorrt target: the highest ``trt_version`` documents, at
+    most 21). ``batch=None`` makes the batch dimension dynamic. ``conv_bias``: "float" (exact separate bias
+    Add) or "int32" (onnxruntime: conv biases rounded onto the int32 grid where the conv can become
+    QLinearConv; folding.conv_relu_quant); None: the target's default (:data:`DEFAULT_CONV_BIAS`). Returns
+    the model (no metadata yet) and the build context (activation records, fallbacks).
     """
+    opset = opset or default_opset(target, trt_version)
     container = _check_options(model, opset, target, weight_container)
     conv_bias = _check_conv_bias(conv_bias, target)
     ctx = Ctx(GraphBuilder(opset), target, container, conv_bias=conv_bias)
@@ -103,8 +108,9 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int = 21
     return onnx_model, ctx
 
 
-def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.PathLike, *, opset: int = 21,
-                target: str = "onnxruntime", image_size: tuple[int, int] | None = None, batch: int = 1,
+def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.PathLike, *,
+                opset: int | None = None, target: str = "onnxruntime", trt_version: str = DEFAULT_TRT_VERSION,
+                image_size: tuple[int, int] | None = None, batch: int = 1,
                 dynamic_batch: bool = False, postprocess: bool = True, weight_container: str | None = None,
                 strict_trt: bool = False, trust: bool = False, conv_bias: str | None = None) -> ExportResult:
     """Export a checkpoint (path or loaded :class:`Checkpoint`) to ``output`` (.onnx) and its sidecar
@@ -114,10 +120,12 @@ def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.Pat
         raise QDetrError(f"--batch must be >= 1, got {batch}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, trust=trust)
     model = ckpt.model.eval()
+    check_trt_version(trt_version)
+    opset = opset or default_opset(target, trt_version)
     _check_options(model, opset, target, weight_container)
     _check_conv_bias(conv_bias, target)
     size = tuple(image_size) if image_size else _default_size(ckpt)
-    onnx_model, ctx = build_onnx(model, size, opset=opset, target=target,
+    onnx_model, ctx = build_onnx(model, size, opset=opset, target=target, trt_version=trt_version,
                                  batch=None if dynamic_batch else batch, postprocess=postprocess,
                                  weight_container=weight_container, strict_trt=strict_trt,
                                  conv_bias=conv_bias)
@@ -172,6 +180,14 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 # --- helpers -----------------------------------------------------------------------------------------------
 
+def default_opset(target: str, trt_version: str = DEFAULT_TRT_VERSION) -> int:
+    """21 (INT4 tensors), or for TensorRT the highest opset ``trt_version``'s parser documents (10.3: 20, so
+    its export has no INT4: convs and quantized layers use the int8 container anyway)."""
+    if target != "tensorrt":
+        return DEFAULT_OPSET
+    return max(MIN_OPSET, min(DEFAULT_OPSET, opset_range(trt_version)[1]))
+
+
 def _check_options(model: nn.Module, opset: int, target: str, container: str | None) -> str:
     """Validate the export options against the model; returns the weight container in effect."""
     if target not in TARGETS:
@@ -182,7 +198,7 @@ def _check_options(model: nn.Module, opset: int, target: str, container: str | N
         raise QDetrError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
     container = container or "int4"
     low_bits = [name for name, m in model.named_modules() if getattr(m, "w_bits", 8) <= 4]
-    if container == "int4" and low_bits and opset < INT4_OPSET:
+    if container == "int4" and low_bits and opset < INT4_OPSET and target != "tensorrt":
         raise QDetrError(f"opset {opset} has no INT4 tensors but {low_bits[0]} has <= 4-bit weights: "
                          f"use --opset {INT4_OPSET} or --weight-container int8")
     return container

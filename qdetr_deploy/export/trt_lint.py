@@ -1,19 +1,28 @@
-"""Static TensorRT lint of an ONNX graph (pure onnx, no TensorRT needed).
+"""Static TensorRT lint of an ONNX graph, for one TensorRT version (pure onnx, no TensorRT needed).
 
-Rules, from ONNX-TensorRT's operators.md (TensorRT 10.x):
+Each rule names what a given TensorRT (10.3, JetPack 6's, the oldest supported, by default) would reject.
+Sources (quoted where a rule relies on them):
 
-- opset in [13, 24]: the TensorRT 10.15 parser takes opsets 9..24 (10.0: 9..20); per-axis Q/DQ needs 13,
-  INT4 initializers 21 (so INT4 weights need TensorRT 10.x with an opset-21 parser);
-- QuantizeLinear / DequantizeLinear: zero point 0 (absent or all zeros), scales constant and positive;
-  activations per-tensor (a Q/DQ on a non-constant tensor has a scalar scale);
-- Q/DQ types: activations INT8 or FP8 (FLOAT8E4M3FN); INT4 for constant weights only; no UINT8, UINT4,
-  INT2, INT16 activations;
-- operators: the ONNX-TensorRT support list below, default domain only; Clip bounds and Reduce* axes
-  constant.
+- onnx-tensorrt ``docs/operators.md``: "TensorRT 10.0 supports operators in the inclusive range of opset 9
+  to opset 20" (release/10.0 .. the 10.x copies before 10.15); "TensorRT 10.15 supports operators in the
+  inclusive range of opset 9 to opset 24" (release/10.15). INT4 tensors need opset 21 (ONNX), so on a
+  TensorRT whose documented range ends at 20 a graph has no INT4 at all.
+- onnx-tensorrt ``docs/Changelog.md``: operators added after 10.0 (``DeformConv`` 10.1; the windows 10.4;
+  ``STFT`` 10.5; ``RotaryEmbedding``, ``RMSNormalization``, ``TensorScatter`` 10.15); "Added support for
+  parsing nodes with Quickly Deployable Plugins" (10.6).
+- TensorRT 10.3 ``NvInfer.h`` (``IDequantizeLayer``) and the "Working with Quantized Types" guide:
+  INT4 only as weight-only quantization of GEMM weights (a 2-D constant through DequantizeLinear feeding
+  MatMul/Gemm, whose activation input is not quantized), and then block-quantized; block quantization only
+  for INT4 (FP4 from 10.8); zero points 0; per-tensor activation scales; FP8 needs compute capability 8.9+
+  (Ada, Hopper: Jetson Orin, sm_87, has none). NVIDIA/TensorRT#4262: INT4 weights behind INT8 activations
+  are not a TensorRT kernel.
+- ``tensorrt.plugin`` / onnx-tensorrt ``importerUtils.cpp`` ``createPlugin`` (release/10.16): from 10.9 a
+  quickly deployable plugin with both ``impl`` and ``aot_impl`` needs the node attribute ``aot`` (or a
+  ``PREFER_*_PYTHON_PLUGINS`` network flag), else "has both AOT and JIT implementations". The qdetr
+  ``W4A8Linear`` node (``kernels/trt_plugins``) carries ``aot`` from 10.9 and not before.
 
-Not checked: TensorRT runs INT4 as weight-only GEMM quantization, so INT4 conv weights (allowed by the
-rules above) need ``--weight-container int8`` or ``kernels/trt_plugins/onnx_rewrite.py`` (it makes them
-INT8).
+Not false alarms any more: Clip bounds may be tensors (the 10.x Clip importer takes them), and zero points /
+scales / axes may come from ``Constant`` nodes as well as initializers.
 """
 
 from __future__ import annotations
@@ -24,26 +33,46 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-TRT_OPSET_RANGE = (13, 24)
+from qdetr_deploy.errors import QDetrError
+
+DEFAULT_TRT_VERSION = "10.3"
+MIN_TRT = (10, 3)
+TRT_OPSET_MIN = 9
+#: (from version, last documented opset): the operators.md header of that release onwards
+OPSET_MAX = ((10, 0, 20), (10, 15, 24))
+INT4_OPSET = 21
+#: block-quantizable types by version: INT4 from 10.0 (weight-only), FP4 (FLOAT4E2M1) from 10.8
+BLOCK_TYPES = ((10, 0, {TensorProto.INT4}), (10, 8, {TensorProto.INT4, TensorProto.FLOAT4E2M1}))
+FP8_SM = (8, 9)
+AOT_PLUGINS = (10, 9)  # tensorrt.plugin registers impl and aot_impl: the node needs the aot attribute
+PLUGIN_DOMAIN, PLUGIN_OP = "qdetr", "W4A8Linear"
+PLUGIN_ATTRS = {"k": "INT", "x_step": "FLOAT", "x_zero_point": "INT", "qmin": "INT", "qmax": "INT",
+                "plugin_namespace": "STRING"}
 SUPPORTED_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
-BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum
-DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization
+Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum
+DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor
 Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
-GridSample GroupNormalization GRU HammingWindow HannWindow HardSigmoid HardSwish Hardmax Identity If
+GridSample GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If
 ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
 Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
 NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
 RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
 ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
-ReverseSequence RMSNormalization RNN RoiAlign RotaryEmbedding Round STFT ScaledTanh Scan Scatter
-ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign
+ReverseSequence RNN RoiAlign Round Scan ScaledTanh
+Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign
 SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze
 Upsample Where Xor
 """.split())
+#: operators the parser gained after 10.0 (onnx-tensorrt Changelog.md; Attention: in 10.15's operators.md)
+OPS_SINCE = {"DeformConv": (10, 1), "BlackmanWindow": (10, 4), "HammingWindow": (10, 4),
+             "HannWindow": (10, 4), "STFT": (10, 5), "RotaryEmbedding": (10, 15),
+             "RMSNormalization": (10, 15), "TensorScatter": (10, 15), "Attention": (10, 15)}
 ACT_QTYPES = {TensorProto.INT8, TensorProto.FLOAT8E4M3FN}
 WEIGHT_QTYPES = ACT_QTYPES | {TensorProto.INT4}
-_CONST_INPUTS = {"Clip": (1, 2), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,)}
+_CONST_INPUTS = {"ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,)}
+_GEMMS = ("MatMul", "Gemm")
+_QDQ = ("DequantizeLinear",)
 
 
 @dataclass(frozen=True)
@@ -55,61 +84,175 @@ class LintViolation:
     message: str
 
 
-def lint_tensorrt(model: onnx.ModelProto | str) -> list[LintViolation]:
-    """Every TensorRT incompatibility of ``model`` (a ModelProto or a path), one per node and rule."""
+def trt_version_key(version: str | tuple[int, ...]) -> tuple[int, int, int]:
+    """``"10.3"`` / ``"10.3.0.26"`` -> (10, 3, 0); non-numeric parts count as 0."""
+    parts = list(version) if isinstance(version, tuple) else \
+        [int(p) if p.isdigit() else 0 for p in str(version).split(".")]
+    parts = (parts + [0, 0, 0])[:3]
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def check_trt_version(version: str, what: str = "TensorRT") -> tuple[int, int, int]:
+    """The version key, or a one-line QDetrError below 10.3 (on 8.6, ``create_network(0)`` means implicit
+    batch; 10.3 is JetPack 6's and the oldest this project supports)."""
+    key = trt_version_key(version)
+    if key[:2] < MIN_TRT:
+        raise QDetrError(f"{what} {version} is not supported: TensorRT 10.3 or newer is needed (JetPack 6+)")
+    return key
+
+
+def opset_range(version: str) -> tuple[int, int]:
+    """The ONNX opsets ``version``'s parser documents (operators.md)."""
+    key = trt_version_key(version)
+    return TRT_OPSET_MIN, max(hi for (ma, mi, hi) in OPSET_MAX if key[:2] >= (ma, mi))
+
+
+def block_types(version: str) -> set[int]:
+    key = trt_version_key(version)
+    return set().union(*(t for (ma, mi, t) in BLOCK_TYPES if key[:2] >= (ma, mi)))
+
+
+def lint_tensorrt(model: onnx.ModelProto | str, trt_version: str = DEFAULT_TRT_VERSION,
+                  compute_capability: tuple[int, int] | None = None) -> list[LintViolation]:
+    """Every incompatibility of ``model`` (a ModelProto or a path) with TensorRT ``trt_version`` (on a GPU of
+    ``compute_capability`` when given: FP8), one per node and rule."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    key = check_trt_version(trt_version)
+    g = _Graph(model.graph)
     found: list[LintViolation] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    lo, hi = TRT_OPSET_RANGE
+    lo, hi = opset_range(trt_version)
     if not lo <= opset <= hi:
-        found.append(LintViolation("<model>", "opset", f"opset {opset} is outside TensorRT's {lo}..{hi}"))
-    for node in graph.node:
+        found.append(LintViolation("<model>", "opset", f"opset {opset} is outside TensorRT {trt_version}'s "
+                                   f"documented {lo}..{hi}"))
+    for node in model.graph.node:
         name = node.name or node.output[0]
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
-            found.append(LintViolation(name, "unsupported-op", f"{node.domain or 'ai.onnx'}:{node.op_type} "
-                                       "is not in the ONNX-TensorRT operator list"))
+        if node.domain == PLUGIN_DOMAIN and node.op_type == PLUGIN_OP:
+            found += _lint_plugin(node, name, key)
+            continue
+        since = OPS_SINCE.get(node.op_type, (10, 0) if node.op_type in SUPPORTED_OPS else None)
+        if node.domain not in ("", "ai.onnx") or since is None or key[:2] < since:
+            op = f"{node.domain or 'ai.onnx'}:{node.op_type}"
+            found.append(LintViolation(name, "unsupported-op", f"{op} is not in TensorRT {trt_version}'s "
+                                       "ONNX operator list"))
             continue
         for i in _CONST_INPUTS.get(node.op_type, ()):
-            if len(node.input) > i and node.input[i] and node.input[i] not in inits:
-                found.append(LintViolation(name, "constant-input", f"input {i} of {node.op_type} must be an "
-                                           "initializer"))
+            if len(node.input) > i and node.input[i] and g.const(node.input[i]) is None:
+                found.append(LintViolation(name, "constant-input", f"input {i} of {node.op_type} must be "
+                                           "constant"))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            found += _lint_qdq(node, name, inits)
+            found += _lint_qdq(g, node, name, trt_version, compute_capability)
     return found
+
+
+class _Graph:
+    """Constants (initializers and ``Constant`` node outputs), producers and consumers of one graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.inits = {t.name: t for t in graph.initializer}
+        self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def const(self, name: str) -> onnx.TensorProto | None:
+        if name in self.inits:
+            return self.inits[name]
+        node = self.constants.get(name)
+        attr = next((a for a in node.attribute if a.name == "value"), None) if node is not None else None
+        return attr.t if attr is not None else None
 
 
 def _attr(node: onnx.NodeProto, key: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == key), default)
 
 
-def _lint_qdq(node: onnx.NodeProto, name: str, inits: dict[str, onnx.TensorProto]) -> list[LintViolation]:
+def _lint_plugin(node: onnx.NodeProto, name: str, key: tuple[int, int, int]) -> list[LintViolation]:
+    """The qdetr::W4A8Linear node of the ``--bits 4`` rewrite: its attributes, and ``aot`` by version."""
+    out = []
+    attrs = {a.name: a for a in node.attribute}
+    for attr, kind in PLUGIN_ATTRS.items():
+        if attr not in attrs or onnx.AttributeProto.AttributeType.Name(attrs[attr].type) != kind:
+            out.append(LintViolation(name, "plugin", f"{PLUGIN_OP} needs the {kind} attribute {attr}"))
+    if "plugin_namespace" in attrs and attrs["plugin_namespace"].s.decode() != PLUGIN_DOMAIN:
+        out.append(LintViolation(name, "plugin", f"plugin_namespace is not {PLUGIN_DOMAIN!r}"))
+    version = ".".join(map(str, key))
+    if key[:2] >= AOT_PLUGINS and "aot" not in attrs:
+        out.append(LintViolation(name, "plugin-aot", f"TensorRT {version} registers both implementations of "
+                                 "tensorrt.plugin ops: the node needs the attribute aot"))
+    if key[:2] < AOT_PLUGINS and "aot" in attrs:
+        out.append(LintViolation(name, "plugin-aot", f"TensorRT {version} has no AOT plugins: drop the "
+                                 "attribute aot"))
+    return out
+
+
+def _lint_qdq(g: _Graph, node: onnx.NodeProto, name: str, version: str,
+              cc: tuple[int, int] | None) -> list[LintViolation]:
     out: list[LintViolation] = []
-    scale = inits.get(node.input[1])
-    zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if len(node.input) > 2 and node.input[2] and zp is None:
-        out.append(LintViolation(name, "zero-point", "zero point is not an initializer"))
-    weight = node.op_type == "DequantizeLinear" and node.input[0] in inits
+    scale = g.const(node.input[1])
+    has_zp = len(node.input) > 2 and bool(node.input[2])
+    zp = g.const(node.input[2]) if has_zp else None
+    if has_zp and zp is None:
+        out.append(LintViolation(name, "zero-point", "zero point is not a constant"))
+    x = g.const(node.input[0])
+    weight = node.op_type == "DequantizeLinear" and x is not None
     if node.op_type == "QuantizeLinear":
         dtype = zp.data_type if zp is not None else _attr(node, "output_dtype", 0) or TensorProto.UINT8
     else:
-        dtype = zp.data_type if zp is not None else (inits[node.input[0]].data_type if weight else 0)
-    if zp is not None and np.any(numpy_helper.to_array(zp) != 0):
+        dtype = zp.data_type if zp is not None else (x.data_type if weight else 0)
+    if zp is not None and np.any(numpy_helper.to_array(zp).astype(np.float64) != 0):
         out.append(LintViolation(name, "zero-point", "zero point is not 0 (TensorRT needs symmetric Q/DQ)"))
-    allowed = WEIGHT_QTYPES if weight else ACT_QTYPES
+    allowed = (WEIGHT_QTYPES | block_types(version)) if weight else ACT_QTYPES
+    type_name = TensorProto.DataType.Name(dtype) if dtype else "?"
     if dtype and dtype not in allowed:
         kind = "weight" if weight else "activation"
-        out.append(LintViolation(name, "qdq-dtype", f"{kind} Q/DQ type {TensorProto.DataType.Name(dtype)} "
-                                 f"is not accepted ({'INT8/FP8/INT4' if weight else 'INT8/FP8'})"))
+        names = "/".join(TensorProto.DataType.Name(t) for t in sorted(allowed))
+        out.append(LintViolation(name, "qdq-dtype", f"{kind} Q/DQ type {type_name} is not accepted "
+                                 f"({names})"))
+    if dtype == TensorProto.FLOAT8E4M3FN and cc is not None and tuple(cc) < FP8_SM:
+        out.append(LintViolation(name, "fp8", f"FP8 needs compute capability 8.9+, this GPU is "
+                                 f"sm_{cc[0]}{cc[1]}"))
+    block = _attr(node, "block_size", 0)
+    if block and dtype not in block_types(version):
+        ok = "/".join(TensorProto.DataType.Name(t) for t in sorted(block_types(version)))
+        out.append(LintViolation(name, "block-quantization", f"TensorRT {version} block-quantizes only {ok}, "
+                                 f"not {type_name}"))
+    if dtype == TensorProto.INT4:
+        out += _lint_int4(g, node, name, weight, x, block)
     if scale is None:
-        out.append(LintViolation(name, "scale", "scale is not an initializer"))
+        out.append(LintViolation(name, "scale", "scale is not a constant"))
         return out
     s = numpy_helper.to_array(scale)
-    if np.any(s <= 0):
+    if np.any(s.astype(np.float32) <= 0):
         out.append(LintViolation(name, "scale", "scale is not positive"))
     if not weight and s.size > 1:
         out.append(LintViolation(name, "per-channel-activation", f"activation scale has {s.size} values "
                                  "(TensorRT takes per-tensor activation scales)"))
     return out
+
+
+def _lint_int4(g: _Graph, node: onnx.NodeProto, name: str, weight: bool, x: onnx.TensorProto | None,
+               block: int) -> list[LintViolation]:
+    """INT4: a weight-only, block-quantized, 2-D GEMM weight (input B of MatMul/Gemm, float input A)."""
+    def bad(why: str) -> list[LintViolation]:
+        return [LintViolation(name, "int4-placement", f"INT4 {why} (TensorRT takes INT4 only as weight-only "
+                              "block-quantized 2-D GEMM weights)")]
+
+    if not weight:
+        return bad("on an activation")
+    if len(x.dims) != 2:
+        return bad(f"weight of rank {len(x.dims)}")
+    users = g.consumers.get(node.output[0], [])
+    if not users or any(u.op_type not in _GEMMS or list(u.input).index(node.output[0]) != 1 for u in users):
+        ops = ", ".join(sorted({u.op_type for u in users})) or "nothing"
+        return bad(f"weight feeding {ops}, not the B input of MatMul/Gemm")
+    quantized_a = [u for u in users if getattr(g.producer.get(u.input[0]), "op_type", "") in _QDQ]
+    if quantized_a:
+        return bad(f"weight of {quantized_a[0].name or quantized_a[0].output[0]} whose activation input is "
+                   "quantized too (not weight-only)")
+    if not block:
+        return bad("weight without block quantization (block_size)")
+    return []
