@@ -1,10 +1,12 @@
 """TensorRT plugins of the 4-bit kernels: ``qdetr::W4A8Linear`` (quantize the float input per tensor, int4
 weights, int8 MMA, the ``gemm_w4a8`` epilogue), and the ONNX rewrite that puts it into an exported graph.
 
-Forms, chosen by what the installed TensorRT offers (:func:`plugin_support`):
+Forms, chosen by what the installed TensorRT offers (:func:`plugin_support`; by version number:
+:func:`plugin_form_for`):
 
 - ``"qdp-aot"`` / ``"qdp"``: ``tensorrt.plugin`` (TensorRT 10.6+), with the ahead-of-time Triton kernel
-  where ``tensorrt.plugin.aot_impl`` exists (``qdp.py``, ``fused.py``);
+  where ``tensorrt.plugin.aot_impl`` exists (10.9+; the rewritten nodes then carry ``aot=1``,
+  :func:`aot_attribute`) (``qdp.py``, ``fused.py``);
 - ``"v3"``: Python ``IPluginV3`` classes for TensorRT 10.3 (JetPack 6) (``v3.py``).
 
 :func:`register_plugins` registers one of them (once per process) and returns which; the build and the
@@ -15,20 +17,24 @@ The ONNX rewrite (``onnx_rewrite.py``) is pure onnx and needs no TensorRT.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from kernels.trt_plugins.onnx_rewrite import (
     DOMAIN,
     OP_TYPE,
     RewriteReport,
+    aot_attribute,
+    plugin_form_for,
     rewrite_file,
     rewrite_int4_linears,
 )
 
-__all__ = ["DOMAIN", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "plugin_support", "register_plugins",
-           "rewrite_file", "rewrite_int4_linears"]
+__all__ = ["DOMAIN", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "aot_attribute", "plugin_form_for",
+           "plugin_support", "register_plugins", "rewrite_file", "rewrite_int4_linears", "triton_problem"]
 
 NOT_INSTALLED = "TensorRT is not installed"
+MIN_TRITON = (3, 0)
 _registered: dict[str, Any] = {}  # form -> what must stay alive (the V3 creator)
 
 
@@ -59,13 +65,32 @@ def plugin_support() -> tuple[str | None, str]:
     return None, f"TensorRT {trt.__version__} has neither tensorrt.plugin nor Python IPluginV3 (need 10.3+)"
 
 
+def triton_problem() -> str | None:
+    """Why Triton cannot serve the plugins here (not installed, older than 3.0), or None. Every form needs
+    it: "v3" and "qdp" run the Triton kernels inside ``enqueue`` (a missing Triton would fail there, in the
+    middle of a build's tactic timing or an inference), and "qdp-aot" compiles its kernel with it."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (the 4-bit plugins run Triton kernels: pip install 'triton>=3.0')"
+    import triton
+
+    parts = [int(p) if p.isdigit() else 0 for p in triton.__version__.split(".")[:2]]
+    if tuple(parts) < MIN_TRITON:
+        return f"Triton {triton.__version__} is too old for the 4-bit plugins (need 3.0+)"
+    return None
+
+
 def register_plugins() -> str:
-    """Register ``qdetr::W4A8Linear`` with the installed TensorRT (idempotent); returns the form used."""
+    """Register ``qdetr::W4A8Linear`` with the installed TensorRT (idempotent); returns the form used.
+    Triton is checked first (:func:`triton_problem`): a form that runs Triton inside ``enqueue`` is never
+    registered without it."""
     if _registered:
         return next(iter(_registered))
     form, reason = plugin_support()
     if form is None:
         raise _error(f"4-bit TensorRT plugins unavailable: {reason}")
+    problem = triton_problem()
+    if problem is not None:
+        raise _error(f"4-bit TensorRT plugins unavailable: {problem}")
     import tensorrt as trt
 
     if form.startswith("qdp"):

@@ -2,9 +2,10 @@
 
 Each 4-bit linear of a qdetr export (``qdetr_deploy/export/folding.py``)::
 
-    x -> [Clip] -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> MatMul <- DequantizeLinear(W INT4 [K,N],
+    x -> [Clip] -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> MatMul <- DequantizeLinear(W [K,N],
                                                                      | Add [1,N] bias      scale [N], axis 1)
 
+(W INT4, or INT8 with codes in [-8, 7]: the TensorRT export's int8 container)
 (or a ``Gemm`` with ``transB``, its bias as input C) becomes one node ``qdetr::W4A8Linear``::
 
     W4A8Linear(x_q, w_packed, w_step, zcorr, bias) -> y, scratch0, scratch1
@@ -18,7 +19,10 @@ Each 4-bit linear of a qdetr export (``qdetr_deploy/export/folding.py``)::
 - attributes ``k``, ``x_step`` (float32), ``x_zero_point``, ``qmin``, ``qmax``: the activation quantizer as
   int8 codes (UINT8 codes and zero point shifted by -128, as ``kernels/quantize_act.py``), and
   ``plugin_namespace`` = "qdetr" (TensorRT's ONNX parser looks the plugin up by op type and namespace);
-  ``aot`` = 1 asks TensorRT for the ahead-of-time implementation;
+  ``aot`` (TensorRT 10.9+ only, :func:`aot_attribute`): 1 asks for the ahead-of-time implementation. From
+  10.9 ``tensorrt.plugin`` registers both ``impl`` and ``aot_impl``, and onnx-tensorrt's ``createPlugin``
+  (``importerUtils.cpp``, release/10.16) then needs the node attribute ``aot`` (or a network flag
+  ``PREFER_AOT/JIT_PYTHON_PLUGINS``); before 10.9 there is no AOT and the attribute is left out;
 - ``scratch0/1``: one-element dummy outputs (see ``kernels/trt_plugins/fused.py``).
 
 INT4 weights of convolutions (no plugin) become INT8 initializers with the same codes, which TensorRT's
@@ -43,7 +47,9 @@ DOMAIN = "qdetr"
 OP_TYPE = "W4A8Linear"
 INPUTS = ("x", "w_packed", "w_step", "zcorr", "bias")
 N_SCRATCH = 2
-NOT_INT4 = "weight is not an INT4 initializer through DequantizeLinear"
+NOT_INT4 = "weight is not an INT4/INT8 initializer through DequantizeLinear"
+NOT_4_BIT = "INT8 weight codes do not fit 4 bits"
+WEIGHT_TYPES = (TensorProto.INT4, TensorProto.INT8)
 _CODE_RANGES = {TensorProto.INT8: (-128, 127, 0), TensorProto.UINT8: (0, 255, -128),
                 TensorProto.INT4: (-8, 7, 0), TensorProto.UINT4: (0, 15, 0)}
 
@@ -115,17 +121,26 @@ def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
 
 
 def _weight(g: _Graph, name: str, trans_b: bool) -> tuple[np.ndarray, np.ndarray, onnx.NodeProto] | str:
-    """(codes [N, K], step [N], the DequantizeLinear) of an INT4 weight input, or why it is not one."""
+    """(codes [N, K], step [N], the DequantizeLinear) of a 4-bit weight input, or why it is not one: INT4, or
+    INT8 (the TensorRT export's int8 container) whose codes all lie in [-8, 7]."""
     dq = g.producer.get(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or g.dtype(dq.input[0]) != TensorProto.INT4:
+    if dq is None or dq.op_type != "DequantizeLinear" or g.dtype(dq.input[0]) not in WEIGHT_TYPES:
         return NOT_INT4
     codes = g.array(dq.input[0]).astype(np.int8)
+    if codes.size and (codes.min() < -8 or codes.max() > 7):
+        return NOT_4_BIT
     zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     if codes.ndim != 2 or (zp is not None and np.any(zp.astype(np.int8) != 0)):
-        return "INT4 weight is not 2-D with zero point 0"
+        return "4-bit weight is not 2-D with zero point 0"
+    step = g.array(dq.input[1]).astype(np.float32)
+    block = int(_attr(dq, "block_size", 0))
+    if block:  # blocks along K (axis 0 of [K, N]): one step per output channel when the rows are equal
+        if trans_b or int(_attr(dq, "axis", 1)) % 2 != 0 or np.any(step != step[:1]):
+            return "block-quantized weight is not per output channel"
+        step = step[0]
     codes = codes if trans_b else codes.T  # -> [N, K]
-    step = g.array(dq.input[1]).astype(np.float32).reshape(-1)
-    axis = int(_attr(dq, "axis", 1))
+    step = step.reshape(-1)
+    axis = 1 if block else int(_attr(dq, "axis", 1))
     if step.size not in (1, codes.shape[0]) or (step.size > 1 and axis % 2 != (0 if trans_b else 1)):
         return "weight scale is not per output channel"
     return codes, np.broadcast_to(step, (codes.shape[0],)).copy(), dq
@@ -237,8 +252,23 @@ def _int4_convs_to_int8(g: _Graph, report: RewriteReport) -> None:
         report.int8_convs.append(node.name or node.output[0])
 
 
+def plugin_form_for(trt_version: str) -> str:
+    """The plugin form ``kernels.trt_plugins.register_plugins`` picks on TensorRT ``trt_version``: "v3"
+    (Python IPluginV3, 10.3-10.5), "qdp" (``tensorrt.plugin``, 10.6-10.8), "qdp-aot" (10.9+)."""
+    parts = [int(p) if p.isdigit() else 0 for p in str(trt_version).split(".")[:2]] + [0, 0]
+    key = (parts[0], parts[1])
+    return "qdp-aot" if key >= (10, 9) else "qdp" if key >= (10, 6) else "v3"
+
+
+def aot_attribute(form: str) -> int | None:
+    """The node attribute ``aot`` for a plugin form: 1 for "qdp-aot" (the engine runs without Python), none
+    otherwise (TensorRT before 10.9 has no AOT plugins)."""
+    return 1 if form == "qdp-aot" else None
+
+
 def rewrite_int4_linears(model: onnx.ModelProto, aot: bool = False, int8_convs: bool = True) -> RewriteReport:
-    """Replace every matching 4-bit MatMul/Gemm of ``model`` (in place) by a ``qdetr::W4A8Linear`` node."""
+    """Replace every matching 4-bit MatMul/Gemm of ``model`` (in place) by a ``qdetr::W4A8Linear`` node
+    (with ``aot=1`` when ``aot``: TensorRT 10.9+, :func:`aot_attribute`)."""
     g = _Graph(model.graph)
     report = RewriteReport()
     for node in list(model.graph.node):
@@ -250,7 +280,7 @@ def rewrite_int4_linears(model: onnx.ModelProto, aot: bool = False, int8_convs: 
                 if m["add"] is not None:
                     m["add"].ClearField("output")  # its output now comes from the plugin
                 report.plugins.append(plugin.name)
-            elif m != NOT_INT4:  # float layers are not worth reporting
+            elif m not in (NOT_INT4, NOT_4_BIT):  # float and 8-bit layers are not worth reporting
                 report.skipped[node.name or node.output[0]] = m
     if int8_convs:
         _int4_convs_to_int8(g, report)

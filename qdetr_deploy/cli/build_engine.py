@@ -42,7 +42,8 @@ def _build_ort(model: str, out: str, provider: str, threads: int | None, opt_lev
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
-              help="TensorRT/torch: 8 = int8 container graph, 4 = 4-bit kernels (plugins / torch).")
+              help="TensorRT/torch: 8 = int8 container graph (TensorRT: INT4 weights made INT8 exactly), "
+                   "4 = 4-bit kernels (plugins / torch).")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: cores).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
@@ -55,9 +56,11 @@ def _build_ort(model: str, out: str, provider: str, threads: int | None, opt_lev
 @click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--opt-batch", type=click.IntRange(min=1))
 @click.option("--max-batch", type=click.IntRange(min=1))
+@click.option("--skip-lint", is_flag=True, help="TensorRT: parse even when the static lint of the graph "
+              "(for the installed TensorRT and GPU) finds violations.")
 def build_engine(model: str, out: str, backend: str, bits: str, threads: int | None, provider: str,
                  opt_level: str, timing_cache: str | None, workspace_gb: float, fp16: bool, min_batch: int,
-                 opt_batch: int | None, max_batch: int | None) -> None:
+                 opt_batch: int | None, max_batch: int | None, skip_lint: bool) -> None:
     """Build an engine from MODEL.onnx (qdetr-deploy export output)."""
     if backend == "onnxruntime":
         path = _build_ort(model, out, provider, threads, opt_level)
@@ -66,7 +69,8 @@ def build_engine(model: str, out: str, backend: str, bits: str, threads: int | N
 
         path = build_trt_engine(model, out, fp16=fp16, int8_container=None,
                                 timing_cache=timing_cache, workspace_gb=workspace_gb, min_batch=min_batch,
-                                opt_batch=opt_batch, max_batch=max_batch, bits=int(bits))
+                                opt_batch=opt_batch, max_batch=max_batch, bits=int(bits),
+                                skip_lint=skip_lint)
     else:
         path = build_torch(model, out, int(bits))
     click.echo(f"wrote {path}")

@@ -10,7 +10,12 @@ precision follows the ONNX types: the int8 container graph runs its Q/DQ layers 
 parts in the ONNX float type. ``fp16=True`` only takes effect on 10.x for a plain float graph
 (``int8_container=False``), built weakly typed with the FP16 flag.
 
-``tensorrt`` and ``torch`` (device buffers) are imported lazily, only on this path.
+Before parsing, the graph is prepared (:func:`network_graph`: ``--bits 8`` makes INT4 weights INT8 exactly,
+``--bits 4`` maps 4-bit linears onto the ``kernels/trt_plugins`` plugins, with ``aot`` from TensorRT 10.9)
+and linted for the installed TensorRT and GPU (``export/trt_lint.py``). TensorRT below 10.3 is refused.
+
+``tensorrt`` and ``torch`` (device buffers at run time) are imported lazily, only on this path; the build
+reads the GPU name and compute capability through torch or, without it, cuda-python.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from qdetr_deploy.engines.base import TRT_MAGIC, Engine, InputSpec, read_metadata
+from qdetr_deploy.engines.trt_graph import int4_to_int8
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
 
@@ -116,11 +123,15 @@ def check_trt_header(header: TrtHeader, trt_version: str, gpu_name: str, cc: tup
 # --- runtime imports ----------------------------------------------------------------------------------
 
 def import_tensorrt() -> Any:
-    """``import tensorrt`` or a one-line QDetrError."""
+    """``import tensorrt`` or a one-line QDetrError, also below TensorRT 10.3 (on 8.6, ``create_network(0)``
+    would mean implicit batch: nothing here is written for it)."""
     try:
         import tensorrt as trt
     except ImportError:
         raise QDetrError(NOT_INSTALLED) from None
+    from qdetr_deploy.export.trt_lint import check_trt_version
+
+    check_trt_version(trt.__version__, "the installed TensorRT")
     return trt
 
 
@@ -136,9 +147,33 @@ def _cuda() -> Any:
 
 
 def gpu_identity() -> tuple[str, tuple[int, int]]:
-    """(GPU name, compute capability) of the current CUDA device."""
-    torch = _cuda()
-    return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())
+    """(GPU name, compute capability) of the current CUDA device: through torch when it has CUDA, else
+    through cuda-python (a Jetson build needs no torch: ``build-engine --bits 8``)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_name(), tuple(torch.cuda.get_device_capability())
+    return _cuda_python_identity()
+
+
+def _cuda_python_identity() -> tuple[str, tuple[int, int]]:
+    """(name, (major, minor)) of device 0 with cuda-python's runtime bindings (12.x: ``cuda.bindings``,
+    older: ``cuda.cudart``)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise QDetrError("the TensorRT backend needs an NVIDIA GPU seen by torch (with CUDA) or by "
+                             "cuda-python (pip install cuda-python), and neither is available") from None
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise QDetrError(f"cuda-python sees no usable GPU ({err})")
+    name = props.name.split(b"\0")[0].decode() if isinstance(props.name, bytes) else str(props.name)
+    return name, (int(props.major), int(props.minor))
 
 
 def int4_plugin_registrar() -> Any:
@@ -182,13 +217,31 @@ def _parser_errors(parser: Any) -> str:
     return "; ".join(msgs) or "unknown parser error"
 
 
-def _parse(parser: Any, onnx_path: Path, plugins: bool) -> bool:
-    """Parse the ONNX file; with the 4-bit plugins, its int4 linears rewritten to qdetr::W4A8Linear first."""
-    if not plugins:
-        return parser.parse_from_file(str(onnx_path))
-    from kernels.trt_plugins import rewrite_file
+def network_graph(onnx_path: Path, bits: int, plugin_form: str | None = None) -> onnx.ModelProto:
+    """The graph the parser gets: ``bits`` 8, every INT4 initializer made INT8 exactly (or a one-line
+    refusal, ``trt_graph.int4_to_int8``); 4, the 4-bit linears rewritten to ``qdetr::W4A8Linear`` with the
+    attribute ``aot`` when ``plugin_form`` is "qdp-aot" (TensorRT 10.9+), the 4-bit convs made INT8."""
+    model = onnx.load(str(onnx_path))
+    if bits == 8:
+        int4_to_int8(model, onnx_path)
+        return model
+    from kernels.trt_plugins import aot_attribute, rewrite_int4_linears
 
-    return parser.parse(rewrite_file(onnx_path)[0], str(onnx_path))
+    rewrite_int4_linears(model, aot=aot_attribute(plugin_form or "v3") == 1)
+    int4_to_int8(model, onnx_path)  # what the rewrite left 4-bit (a layer it could not map) runs on INT8
+    return model
+
+
+def lint_network(model: onnx.ModelProto, trt_version: str, cc: tuple[int, int], path: Path) -> None:
+    """The static TensorRT lint of the graph about to be parsed; a one-line QDetrError on violations."""
+    from qdetr_deploy.export.trt_lint import lint_tensorrt
+
+    found = lint_tensorrt(model, trt_version, cc)
+    if found:
+        v = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise QDetrError(f"TensorRT {trt_version} would reject it: {v.node}: {v.rule}: {v.message}{more}; "
+                         "re-export with --target tensorrt, or --skip-lint to let TensorRT decide", path)
 
 
 def _network(trt: Any, builder: Any, strongly_typed: bool) -> Any:
@@ -234,9 +287,11 @@ def _save_timing_cache(config: Any, timing_cache: Path | None) -> None:
 def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, fp16: bool = True,
                      int8_container: bool | None = True, timing_cache: str | os.PathLike | None = None,
                      workspace_gb: float = 4, min_batch: int = 1, opt_batch: int | None = None,
-                     max_batch: int | None = None, bits: int = 8) -> Path:
+                     max_batch: int | None = None, bits: int = 8, skip_lint: bool = False) -> Path:
     """Build a TensorRT engine from a qdetr ONNX model and write it with the qdetr header.
-    ``int8_container=None``: decided by the metadata (``bits`` other than "fp32" -> Q/DQ container graph)."""
+    ``int8_container=None``: decided by the metadata (``bits`` other than "fp32" -> Q/DQ container graph).
+    The graph (:func:`network_graph`) is linted for the installed TensorRT and GPU first, unless
+    ``skip_lint``."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if bits not in (4, 8):
         raise QDetrError(f"--bits must be 8 or 4, got {bits}")
@@ -246,15 +301,17 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     register_plugins = int4_plugin_registrar() if bits == 4 else None
     trt = import_tensorrt()
     gpu_name, cc = gpu_identity()
-    if register_plugins is not None:
-        register_plugins()
+    form = register_plugins() if register_plugins is not None else None
+    graph = network_graph(onnx_path, bits, form)
+    if not skip_lint:
+        lint_network(graph, trt.__version__, cc, onnx_path)
     batches = _check_batches(min_batch, opt_batch, max_batch)
     strongly_typed = int8_container or not hasattr(trt.BuilderFlag, "FP16")
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
     network = _network(trt, builder, strongly_typed)
     parser = trt.OnnxParser(network, logger)
-    if not _parse(parser, onnx_path, plugins=register_plugins is not None):
+    if not parser.parse(graph.SerializeToString(), str(onnx_path)):
         raise QDetrError(f"TensorRT cannot parse it: {_parser_errors(parser)}", onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -276,6 +333,7 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
         "compute_capability": list(cc), "metadata": metadata,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build": {"strongly_typed": strongly_typed, "fp16_flag": use_fp16, "bits": bits,
+                  "plugin_form": form,
                   "precision": "follows the ONNX types (strongly typed)" if strongly_typed else "fp32+fp16",
                   "workspace_gb": workspace_gb, "profile": list(batches) if profile is not None else None,
                   "source": str(onnx_path)},
