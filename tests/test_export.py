@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from qdetr_deploy.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from qdetr_deploy.cli import cli
-from qdetr_deploy.export import onnx_export
+from qdetr_deploy.export import folding, onnx_export
 from qdetr_deploy.export.check import check_onnx, random_images
+from qdetr_deploy.export.folding import Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.onnx_export import build_onnx, export_onnx
 from qdetr_deploy.export.trt_lint import lint_tensorrt
@@ -96,9 +97,9 @@ def test_export_reproduces_pytorch(students: dict[str, Path], bits: str, target:
     assert report.code_agreement >= 0.999 and report.codes_compared > 100_000
     model = onnx.load(str(result.path))
     int4 = [t.name for t in model.graph.initializer if t.data_type == TensorProto.INT4]
-    assert bool(int4) == (bits != "8-8-8")
+    assert bool(int4) == (bits != "8-8-8" and target == "onnxruntime")  # TensorRT: INT8 weights
     if target == "tensorrt":
-        assert report.lint == []
+        assert report.lint == [] and model.opset_import[0].version == 20  # TensorRT 10.3's last opset
         assert all(reason for _, reason in result.fallbacks)
     meta = json.loads(_props(result.path)["qdetr"])
     assert meta == json.loads(result.sidecar.read_text())
@@ -196,11 +197,37 @@ def test_trt_lint_flags_violations() -> None:
     proto, _ = build_onnx(model, SIZE, target="onnxruntime")
     rules = {v.rule for v in lint_tensorrt(proto)}
     assert {"zero-point", "qdq-dtype", "per-channel-activation"} <= rules
-    proto.opset_import[0].version = 11
+    proto.opset_import[0].version = 8  # TensorRT 10.x parsers start at opset 9
     proto.graph.node.append(helper.make_node("Foo", ["a"], ["b"], name="weird", domain="com.x"))
     found = lint_tensorrt(proto)
     assert any(v.rule == "opset" for v in found)
     assert any(v.node == "weird" and v.rule == "unsupported-op" for v in found)
+
+
+def test_tensorrt_int4_only_for_weight_only_gemms() -> None:
+    """A <= 4-bit linear with a float input is TensorRT's weight-only case: INT4, block-quantized, exactly
+    the per-channel values (opset 21: TensorRT 10.15+); with a quantized input it stays INT8."""
+    model = quantized_tiny("4-4-8", seed=6)
+    lin = model.transformer.encoder.layers[0].linear1
+    ctx = Ctx(GraphBuilder(21), "tensorrt", "int4")
+    out = folding.linear(ctx, "x", lin, "lin")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, lin.in_features])
+    proto = ctx.g.model([x], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    assert not any(t.data_type == TensorProto.INT4 for t in proto.graph.initializer)
+    lin.act = None  # weight-only: the activation stays float
+    ctx = Ctx(GraphBuilder(21), "tensorrt", "int4")
+    out = folding.linear(ctx, "x", lin, "lin")
+    proto = ctx.g.model([x], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
+    attrs = {a.name: a.i for a in dq.attribute}
+    assert attrs["axis"] == 0 and attrs["block_size"] >= 16 and lin.in_features % attrs["block_size"] == 0
+    assert lint_tensorrt(proto, "10.16") == []
+    codes, step, _ = lin.weight_qparams()
+    xs = torch.randn(3, lin.in_features)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(xs, codes * step.reshape(-1, 1), lin.bias).numpy()
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": xs.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_external_data_for_large_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,11 +328,13 @@ def test_detr_r50_128px_tensorrt(tmp_path: Path) -> None:
     calibrate(model, [torch.randn(1, 3, 128, 128)], progress=False)
     meta = {"calibration": {"image_size": [128, 128]}}
     path = save_checkpoint(model, tmp_path / "r50.safetensors", meta=meta)
-    result = export_onnx(path, tmp_path / "r50.onnx", target="tensorrt")
+    result = export_onnx(path, tmp_path / "r50.onnx", target="tensorrt")  # default flags: TensorRT 10.3
     report = check_onnx(result.path, model, random_images(1, (128, 128)))
     print(report.table())
-    assert report.passed, report.table()
-    assert any(t.data_type == TensorProto.INT4 for t in onnx.load(str(result.path)).graph.initializer)
+    assert report.passed and report.lint == [], report.table()  # the lint for TensorRT 10.3
+    assert lint_tensorrt(result.path, "10.3", (8, 7)) == []  # on an Orin too
+    proto = onnx.load(str(result.path))
+    assert not any(t.data_type == TensorProto.INT4 for t in proto.graph.initializer)
 
 
 # --- conv_bias="int32": QLinearConv in the backbone -------------------------------------------------------

@@ -24,15 +24,18 @@ from kernels.trt_plugins import (
     DOMAIN,
     NOT_INSTALLED,
     OP_TYPE,
+    plugin_form_for,
     plugin_support,
     register_plugins,
     rewrite_int4_linears,
+    triton_problem,
 )
 from kernels.trt_plugins.onnx_rewrite import pack_plugin_weight, unpack_plugin_weight
 from qdetr_deploy.checkpoints import save_checkpoint
-from qdetr_deploy.engines.tensorrt import int4_plugin_registrar
+from qdetr_deploy.engines.tensorrt import int4_plugin_registrar, network_graph
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.onnx_export import export_onnx
+from qdetr_deploy.export.trt_lint import lint_tensorrt
 from qdetr_deploy.models import build_detr, get_preset
 from qdetr_deploy.quant import QuantConfig, calibrate, quantize
 
@@ -220,3 +223,169 @@ def test_fused_kernel_compiles_for_hopper_and_orin():
                 print(ft, cap, params, c.metadata.shared)
         """, interpret=False)
     assert out.count("\n") == 4
+
+
+# --- the rewritten graph per TensorRT version, the definitions' annotations (static) ---------------------
+
+@pytest.mark.parametrize("version", ["10.3", "10.8", "10.16"])
+def test_rewritten_graph_for_each_tensorrt_version(exported, version):
+    """The graph build-engine --bits 4 parses: plugin nodes with the attributes that version needs (aot
+    from 10.9 only), and the whole graph passes that version's lint."""
+    form = plugin_form_for(version)
+    assert form == {"10.3": "v3", "10.8": "qdp", "10.16": "qdp-aot"}[version]
+    model = network_graph(exported["tensorrt"], 4, form)
+    plugins = [n for n in model.graph.node if n.op_type == OP_TYPE]
+    assert len(plugins) == 32
+    kinds = {"k": "INT", "x_step": "FLOAT", "x_zero_point": "INT", "qmin": "INT", "qmax": "INT",
+             "plugin_namespace": "STRING"}
+    for node in plugins:
+        attrs = {a.name: a for a in node.attribute}
+        assert node.domain == DOMAIN and attrs["plugin_namespace"].s == b"qdetr"
+        assert {k: onnx.AttributeProto.AttributeType.Name(attrs[k].type) for k in kinds} == kinds
+        assert ("aot" in attrs) == (form == "qdp-aot") and (form != "qdp-aot" or attrs["aot"].i == 1)
+    assert lint_tensorrt(model, version) == []
+    other = "10.16" if version == "10.3" else "10.3"
+    assert {v.rule for v in lint_tensorrt(model, other)} == ({"plugin-aot"} if form != "qdp" else set())
+
+
+def test_qdp_attributes_are_numpy_arrays():
+    """tensorrt.plugin converts a builtin-annotated attribute with ``annotation(field.data)``, which NumPy 2
+    refuses on a one-element array; the definitions annotate numpy.typing.NDArray[dtype] everywhere."""
+    import ast
+    import typing
+
+    from kernels.trt_plugins import qdp
+
+    dtypes = {"k": np.int32, "x_step": np.float32, "x_zero_point": np.int32, "qmin": np.int32,
+              "qmax": np.int32}
+    for name, ann in qdp.ATTR_TYPES.items():
+        assert typing.get_origin(ann) is np.ndarray
+        assert typing.get_args(typing.get_args(ann)[1])[0] is dtypes[name]
+    tree = ast.parse(Path(qdp.__file__).read_text())
+    decorated = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.decorator_list]
+    assert sorted(ast.unparse(f.decorator_list[0].func) for f in decorated) == \
+        ["trtp.aot_impl", "trtp.impl", "trtp.register"]
+    for f in decorated:
+        anns = {a.arg: ast.unparse(a.annotation) for a in f.args.args}
+        assert {n: anns[n] for n in dtypes} == {n: "F32" if n == "x_step" else "I32" for n in dtypes}, f.name
+    # what the creator hands the functions: field data cast to the annotated dtype (one element each)
+    fields = {n: np.array([v]).astype(dtypes[n]) for n, v in
+              {"k": 96, "x_step": 0.173, "x_zero_point": -3, "qmin": -8, "qmax": 7}.items()}
+    attrs = qdp.attrs_of(**fields)
+    assert attrs.k == 96 and attrs.x_step == float(np.float32(0.173)) and (attrs.qmin, attrs.qmax) == (-8, 7)
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (not installable on this machine)")
+def test_register_and_create_through_tensorrt():
+    """Wherever tensorrt imports: register the plugin and create it from the fields the ONNX parser passes
+    (INT32 / FLOAT32 one-element arrays), through the creator TensorRT's registry returns."""
+    import tensorrt as trt
+
+    if triton_problem():
+        pytest.skip(triton_problem())
+    form = register_plugins()
+    creator = trt.get_plugin_registry().get_creator("W4A8Linear", "1", DOMAIN)
+    assert creator is not None
+    values = {"k": np.array([96], np.int32), "x_zero_point": np.array([0], np.int32),
+              "qmin": np.array([-8], np.int32), "qmax": np.array([7], np.int32),
+              "x_step": np.array([0.1], np.float32)}
+    kinds = {np.dtype(np.int32): trt.PluginFieldType.INT32, np.dtype(np.float32): trt.PluginFieldType.FLOAT32}
+    fc = trt.PluginFieldCollection([trt.PluginField(n, v, kinds[v.dtype]) for n, v in values.items()])
+    if form == "v3":
+        plugin = creator.create_plugin("W4A8Linear", fc, trt.TensorRTPhase.BUILD)
+    else:
+        request = getattr(trt, "QuickPluginCreationRequest", None)
+        args = (request.STRICT_AOT,) if form == "qdp-aot" else ()
+        plugin = creator.create_plugin("W4A8Linear", DOMAIN, fc, trt.TensorRTPhase.BUILD, *args)
+    assert plugin is not None
+
+
+# --- build-engine --bits 8: INT4 initializers made INT8 exactly, or refused ------------------------------
+
+def _as_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The tensorrt export with its 4-bit weights (and their zero points) in INT4 at opset 21: what
+    --target tensorrt wrote before (INT4 convs, INT4 weights behind INT8 activations)."""
+    model.opset_import[0].version = 21
+    by_name = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        w = by_name.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or w.data_type != TensorProto.INT8 or np.abs(numpy_helper.to_array(w) + 0.5).max() > 8:
+            continue
+        for t in (w, by_name[n.input[2]]):
+            codes = numpy_helper.to_array(t)
+            t.CopyFrom(helper.make_tensor(t.name, TensorProto.INT4, codes.shape, codes.reshape(-1).tolist()))
+    return model
+
+
+def _run_ort(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"images": x})
+
+
+def test_bits8_makes_int4_weights_int8_exactly(exported):
+    from qdetr_deploy.engines.trt_graph import int4_to_int8
+
+    original = onnx.load(str(exported["tensorrt"]))
+    model = _as_int4(onnx.load(str(exported["tensorrt"])))
+    assert {v.rule for v in lint_tensorrt(model, "10.16")} == {"int4-placement"}  # 35 such layers
+    converted = int4_to_int8(model)
+    assert len(converted) == 35 and not any(t.data_type == TensorProto.INT4 for t in model.graph.initializer)
+    assert lint_tensorrt(model, "10.16") == []
+    x = np.random.default_rng(1).standard_normal((1, 3, H, W)).astype(np.float32)
+    for got, want in zip(_run_ort(model, x), _run_ort(original, x)):
+        assert np.array_equal(got, want)
+
+
+def test_bits8_refuses_what_has_no_exact_int8_form(exported, tmp_path):
+    from qdetr_deploy.engines.trt_graph import int4_to_int8
+
+    with pytest.raises(QDetrError) as e:  # the onnxruntime export quantizes activations to 4 bits
+        int4_to_int8(onnx.load(str(exported["onnxruntime"])), exported["onnxruntime"])
+    msg = str(e.value)
+    assert "\n" not in msg and str(exported["onnxruntime"]) in msg and "--target tensorrt" in msg
+    codes = np.random.default_rng(0).integers(-8, 8, (64, 8))
+    w = helper.make_tensor("w", TensorProto.INT4, codes.shape, codes.reshape(-1).tolist())
+
+    def blocked(scale: np.ndarray) -> onnx.ModelProto:
+        nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=32),
+                 helper.make_node("MatMul", ["x", "wf"], ["y"])]
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "wf")]
+        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])
+        graph = helper.make_graph(nodes, "g", [x_info], outs,
+                                  [w, numpy_helper.from_array(scale.astype(np.float32), "s")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+    same = blocked(np.tile(np.linspace(0.01, 0.08, 8), (2, 1)))
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    want = ort.InferenceSession(same.SerializeToString()).run(None, {"x": x})
+    int4_to_int8(same)
+    got = ort.InferenceSession(same.SerializeToString()).run(None, {"x": x})
+    assert np.array_equal(got[1], want[1])  # the dequantized weights: equal (the MatMul kernels differ)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(QDetrError, match="distinct block steps"):
+        int4_to_int8(blocked(np.random.default_rng(3).uniform(0.01, 0.1, (2, 8))))
+
+
+# --- TensorRT for real: the exporter's own outputs, int8 container and --bits 4 ---------------------------
+
+@pytest.mark.skipif(not HAS_TRT, reason="TensorRT is not installed (not installable on this machine)")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tensorrt_builds_the_tensorrt_export(exported, tmp_path, bits):
+    """build-engine on the --target tensorrt export: --bits 8 (int8 container) and --bits 4 (plugins), run
+    against ONNX Runtime on the same ONNX file."""
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    if bits == 4 and triton_problem():
+        pytest.skip(triton_problem())
+    from qdetr_deploy.engines import open_engine
+    from qdetr_deploy.engines.tensorrt import build_trt_engine, read_trt_header
+
+    out = build_trt_engine(exported["tensorrt"], tmp_path / f"w{bits}.engine", bits=bits)
+    header = read_trt_header(out)
+    assert header.build["bits"] == bits and (bits == 8) == (header.build["plugin_form"] is None)
+    x = np.random.default_rng(0).standard_normal((1, 3, H, W)).astype(np.float32)
+    sess = ort.InferenceSession(str(exported["tensorrt"]), providers=["CPUExecutionProvider"])
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"images": x})))
+    got = open_engine(out).run(x)
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=2e-2)
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=0.5)

@@ -39,7 +39,7 @@ def int4_to_int8(model: onnx.ModelProto, path: str | os.PathLike = "<model>") ->
                              "re-export with --target tensorrt", path)
         if not four:
             continue
-        if ins[0] is None or ins[0].data_type not in FOUR_BIT:
+        if ins[0] is None:
             raise QDetrError(f"{name} dequantizes a non-constant 4-bit tensor: re-export with --target "
                              "tensorrt", path)
         for t in four:
