@@ -289,3 +289,30 @@ def test_cli_bench_of_ort_engine_imports_no_torch(models, tmp_path):
     assert '"bench"' in script
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 0 and res.stdout.strip().endswith("False"), res.stdout + res.stderr
+
+
+def test_tensorrt_bits8_build_path_imports_no_torch(models, tmp_path):
+    """A Jetson build machine needs no torch for --bits 8: everything before the first TensorRT call (the
+    metadata, the INT4 -> INT8 graph, the lint) runs without importing it; there the GPU identity comes
+    from torch or cuda-python (gpu_identity)."""
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from qdetr_deploy.engines.tensorrt import build_trt_engine, network_graph
+        from qdetr_deploy.export.trt_lint import lint_tensorrt
+        from qdetr_deploy.errors import QDetrError
+        graph = network_graph(Path({str(models['int8'])!r}), 8)
+        lint_tensorrt(graph, "10.3")
+        try:
+            import tensorrt
+        except ImportError:  # here: the build stops at the import, still without torch
+            try:
+                build_trt_engine({str(models['int8'])!r}, {str(tmp_path / 'm.engine')!r}, bits=8)
+            except QDetrError as e:
+                print(e)
+        print("torch" in sys.modules)
+        """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip().endswith("False"), res.stdout + res.stderr
+    if not _has("tensorrt"):
+        assert NOT_INSTALLED in res.stdout

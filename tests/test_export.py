@@ -258,7 +258,7 @@ def _foreign_checkpoint(out: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["corrupt", "foreign", "foreign_pth", "bits5", "opset", "strict_trt",
-                                  "no_folder", "missing"])
+                                  "no_folder", "missing", "trt_version", "trt_sm"])
 def test_bad_input_exits_2_one_line_no_file(case: str, students: dict[str, Path], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -282,6 +282,10 @@ def test_bad_input_exits_2_one_line_no_file(case: str, students: dict[str, Path]
         args = ["--target", "tensorrt", "--strict-trt"]
     elif case == "missing":
         ckpt = tmp_path / "nope.safetensors"
+    elif case == "trt_version":
+        args = ["--target", "tensorrt", "--trt-version", "8.6"]
+    elif case == "trt_sm":
+        args = ["--target", "tensorrt", "--trt-sm", "orin"]
     out = out_dir / "model.onnx" if case != "no_folder" else tmp_path / "absent" / "model.onnx"
     result = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(out), *args])
     assert result.exit_code == 2, result.output
@@ -294,6 +298,10 @@ def test_bad_input_exits_2_one_line_no_file(case: str, students: dict[str, Path]
         assert "q_act" in lines[0] and "per-channel" in lines[0]
     if case == "bits5":
         assert "w_bits=5" in lines[0]
+    if case == "trt_version":
+        assert "TensorRT 8.6 is not supported: TensorRT 10.3 or newer is needed" in lines[0]
+    if case == "trt_sm":
+        assert "--trt-sm" in lines[0] and "MAJOR.MINOR" in lines[0]
 
 
 def test_read_only_output_folder(students: dict[str, Path]) -> None:

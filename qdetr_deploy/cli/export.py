@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from qdetr_deploy.errors import QDetrError
+
 
 @click.command("export")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
@@ -78,7 +80,7 @@ def _compute_capability(text: str | None) -> tuple[int, int] | None:
         return None
     major, _, minor = text.partition(".")
     if not (major.isdigit() and minor.isdigit()):
-        raise click.BadParameter(f"{text!r} is not MAJOR.MINOR (e.g. 8.7)", param_hint="--trt-sm")
+        raise QDetrError(f"--trt-sm {text!r} is not MAJOR.MINOR (e.g. 8.7 for Jetson Orin)")
     return int(major), int(minor)
 
 
