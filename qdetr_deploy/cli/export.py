@@ -30,8 +30,9 @@ from qdetr_deploy.errors import QDetrError
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="scores/labels/boxes in the graph, or raw pred_logits/pred_boxes.")
 @click.option("--weight-container", type=click.Choice(["int4", "int8"]), default=None,
-              help="int4 (default): INT4 weights for <= 4 bits; int8: every weight (and activation) in "
-                   "8-bit containers, which onnxruntime runs as integer kernels.")
+              help="int4 (default): INT4 weights for <= 4 bits (tensorrt: only weight-only GEMM weights, "
+                   "block-quantized; all others INT8); int8: every weight (and activation) in 8-bit "
+                   "containers, which onnxruntime runs as integer kernels.")
 @click.option("--conv-bias", type=click.Choice(["float", "int32"]), default=None,
               help="onnxruntime: int32 puts conv biases on the int32 x_step*w_step grid where the conv can "
                    "run as QLinearConv (bias moves by <= half a grid step; --check compares against the same "

@@ -41,6 +41,7 @@ from onnx import TensorProto
 from torch import nn
 
 from qdetr_deploy.export.graph import DTYPE_NAMES, INT_DTYPES, ActRecord, GraphBuilder
+from qdetr_deploy.export.trt_weights import blocked_int4_dq, int4_block
 from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.models.backbone import batchnorm_affine
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
@@ -176,21 +177,15 @@ def _fake_quant(ctx: Ctx, x: str, step: np.ndarray, z: np.ndarray, qn: int, qp: 
 
 # --- weights, conv + norm, linear, layer norm --------------------------------------------------------------
 
-TRT_BLOCK_SIZES = (128, 64, 32, 16)  # INT4 weight-only blocks along K (TensorRT block quantization)
-
-
 def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: str, axis: int,
               weight_only_gemm: bool = False) -> str:
-    """Integer weight initializer + per-output-channel DequantizeLinear (zero point 0).
-
-    TensorRT target: INT8 (the int8 container) except a <= 4-bit weight-only GEMM weight (``codes`` [K,N],
-    a float activation input), which TensorRT takes as INT4 only block-quantized (:func:`_trt_int4_block`).
-    """
+    """Integer weight initializer + per-output-channel DequantizeLinear (zero point 0). TensorRT target:
+    INT8, except a <= 4-bit weight-only GEMM weight, INT4 block-quantized (``trt_weights.py``)."""
     g = ctx.g
     if ctx.target == "tensorrt":
-        block = _trt_int4_block(ctx, codes, bits, axis, weight_only_gemm)
+        block = int4_block(codes, bits, axis, weight_only_gemm, ctx.container, g.opset)
         if block:
-            return _blocked_int4_dq(ctx, codes, step, name, block)
+            return blocked_int4_dq(g, codes, step, name, block)
         dtype = T.INT8
     else:
         dtype = T.INT4 if bits <= 4 and ctx.container == "int4" else T.INT8
@@ -198,24 +193,6 @@ def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: st
     s = g.const(f"{name}.weight_scale", step.astype(np.float32))
     zp = g.const_int(f"{name}.weight_zero_point", np.zeros(step.size, np.int64), dtype)
     return g.node("DequantizeLinear", [w, s, zp], f"{name}/weight/DequantizeLinear", axis=axis)
-
-
-def _trt_int4_block(ctx: Ctx, codes: np.ndarray, bits: int, axis: int, weight_only_gemm: bool) -> int:
-    """Block size of a TensorRT INT4 weight, or 0 (INT8): INT4 tensors need opset 21 and the container
-    "int4"; the weight must be a 2-D weight-only GEMM weight whose K a block size divides."""
-    if bits > 4 or not weight_only_gemm or ctx.container != "int4" or ctx.g.opset < 21 or codes.ndim != 2:
-        return 0
-    return next((b for b in TRT_BLOCK_SIZES if codes.shape[0] % b == 0), 0) if axis == 1 else 0
-
-
-def _blocked_int4_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, name: str, block: int) -> str:
-    """INT4 [K,N] with a block-quantized DequantizeLinear (axis 0, ``block_size``): the per-output-channel
-    step repeated over the K/block blocks, so the values are exactly the per-channel ones."""
-    g = ctx.g
-    w = g.const_int(f"{name}.weight_quantized", np.rint(codes).astype(np.int64), T.INT4)
-    scale = np.broadcast_to(step.astype(np.float32).reshape(1, -1), (codes.shape[0] // block, codes.shape[1]))
-    s = g.const(f"{name}.weight_scale", np.ascontiguousarray(scale))
-    return g.node("DequantizeLinear", [w, s], f"{name}/weight/DequantizeLinear", axis=0, block_size=block)
 
 
 def norm_affine(norm: nn.Module | None) -> tuple[np.ndarray, np.ndarray] | None:
