@@ -316,3 +316,23 @@ def test_tensorrt_bits8_build_path_imports_no_torch(models, tmp_path):
     assert res.returncode == 0 and res.stdout.strip().endswith("False"), res.stdout + res.stderr
     if not _has("tensorrt"):
         assert NOT_INSTALLED in res.stdout
+
+
+def test_build_lint_refuses_in_one_line_and_only_logs_the_opset(models, tmp_path, caplog):
+    """The lint build-engine runs before parsing: what TensorRT rejects is one line naming the file and the
+    node; an opset past the documented range (an fp32 export at 21 on 10.3) is logged, not refused."""
+    from qdetr_deploy.engines.tensorrt import lint_network, network_graph
+
+    graph = network_graph(models["int8"], 8)
+    graph.opset_import[0].version = 21
+    with caplog.at_level("WARNING"):
+        lint_network(graph, "10.3", (8, 7), models["int8"])
+    assert "opset 21 is outside TensorRT 10.3's documented 9..20" in caplog.text
+    q = next(n for n in graph.graph.node if n.op_type == "QuantizeLinear")
+    bad = next(t for t in graph.graph.initializer if t.name == q.input[2])
+    value = onnx.numpy_helper.to_array(bad)
+    bad.CopyFrom(onnx.numpy_helper.from_array(np.full_like(value, 3), bad.name))  # a zero point that is not 0
+    with pytest.raises(QDetrError) as e:
+        lint_network(graph, "10.3", (8, 7), models["int8"])
+    msg = str(e.value)
+    assert "\n" not in msg and str(models["int8"]) in msg and "zero-point" in msg and "--skip-lint" in msg

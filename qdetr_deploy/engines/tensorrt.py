@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import struct
 import time
@@ -43,6 +44,7 @@ NOT_INSTALLED = ("TensorRT is not installed (pip install 'qdetr-deploy[tensorrt]
 NO_INT4 = ("4-bit TensorRT plugins are not available in this build: use --bits 8 (int8 container graph) "
            "or --backend torch")
 _LEN = struct.Struct("<I")
+log = logging.getLogger(__name__)
 
 
 # --- header: pure functions ------------------------------------------------------------------------------
@@ -233,10 +235,16 @@ def network_graph(onnx_path: Path, bits: int, plugin_form: str | None = None) ->
 
 
 def lint_network(model: onnx.ModelProto, trt_version: str, cc: tuple[int, int], path: Path) -> None:
-    """The static TensorRT lint of the graph about to be parsed; a one-line QDetrError on violations."""
+    """The static TensorRT lint of the graph about to be parsed; a one-line QDetrError on violations. An
+    opset beyond the documented range is only logged: the parser may still take the graph (an fp32 export
+    at opset 21 on 10.3, say), and TensorRT has the last word."""
     from qdetr_deploy.export.trt_lint import lint_tensorrt
 
     found = lint_tensorrt(model, trt_version, cc)
+    for v in (v for v in found if v.rule == "opset"):
+        log.warning("%s: %s (export with --target tensorrt --trt-version %s to stay inside it)", path,
+                    v.message, trt_version)
+    found = [v for v in found if v.rule != "opset"]
     if found:
         v = found[0]
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
