@@ -39,8 +39,8 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
 
 HEADER_FORMAT = "qdetr-trt/1"
-NOT_INSTALLED = ("TensorRT is not installed (pip install 'qdetr-deploy[tensorrt]' on a machine with an "
-                 "NVIDIA GPU)")
+NOT_INSTALLED = ("TensorRT is not installed (on a Jetson: JetPack's TensorRT, seen from a venv made with "
+                 "--system-site-packages; elsewhere: pip install 'qdetr-deploy[tensorrt]')")
 NO_INT4 = ("4-bit TensorRT plugins are not available in this build: use --bits 8 (int8 container graph) "
            "or --backend torch")
 _LEN = struct.Struct("<I")
