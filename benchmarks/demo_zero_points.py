@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from qdetr_deploy import demo
-from qdetr_deploy.export.calibration import quantize_checkpoint
+from qdetr_deploy.pipeline import quantize_checkpoint
 from qdetr_deploy.train.distill import DistillConfig, distill
 
 

@@ -5,9 +5,9 @@ Run from the repository root after `qdetr-deploy make-dataset shapes --out data/
 """
 
 from qdetr_deploy.checkpoints import load_checkpoint
-from qdetr_deploy.export.calibration import quantize_checkpoint
 from qdetr_deploy.export.check import check_onnx
 from qdetr_deploy.export.onnx_export import export_onnx
+from qdetr_deploy.pipeline import quantize_checkpoint
 from qdetr_deploy.train.distill import DistillConfig, distill
 from qdetr_deploy.train.loop import TrainConfig
 

@@ -11,7 +11,6 @@ Writes are atomic (temporary file, then rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from qdetr_deploy import released
+from qdetr_deploy.deploy_format import sha256_file as file_sha256
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
 from qdetr_deploy.models import DetrConfig, SMCAConfig, build_detr, build_model
@@ -48,14 +48,6 @@ class Checkpoint:
     @property
     def sha256(self) -> str:
         return file_sha256(self.path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, category_ids: list[int] | None = None,

@@ -104,7 +104,7 @@ def _train_teacher(data: dict, workdir: Path, s: DemoSettings) -> dict:
 
 
 def _quantize_and_distill(data: dict, teacher: dict, workdir: Path, s: DemoSettings) -> dict:
-    from qdetr_deploy.export.calibration import quantize_checkpoint
+    from qdetr_deploy.pipeline import quantize_checkpoint
     from qdetr_deploy.train.distill import DistillConfig, distill
 
     init = quantize_checkpoint(teacher["checkpoint"], workdir / "student_init.safetensors", bits="4-4-8",

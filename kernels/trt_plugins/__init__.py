@@ -11,7 +11,8 @@ Forms, chosen by what the installed TensorRT offers (:func:`plugin_support`; by 
 
 :func:`register_plugins` registers one of them (once per process) and returns which; the build and the
 run of a 4-bit engine both need it (``qdetr_deploy.engines.tensorrt`` calls it). ``tensorrt`` is imported
-only inside these functions; without it they raise a one-line error ("TensorRT is not installed").
+only inside these functions; without it they raise a one-line :class:`~kernels.errors.KernelError`
+("TensorRT is not installed"), which ``qdetr_deploy.engines.tensorrt`` translates to ``QDetrError``.
 The ONNX rewrite (``onnx_rewrite.py``) is pure onnx and needs no TensorRT.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+from kernels.errors import KernelError
 from kernels.trt_plugins.onnx_rewrite import (
     DOMAIN,
     OP_TYPE,
@@ -30,21 +32,12 @@ from kernels.trt_plugins.onnx_rewrite import (
     rewrite_int4_linears,
 )
 
-__all__ = ["DOMAIN", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "aot_attribute", "plugin_form_for",
+__all__ = ["DOMAIN", "KernelError", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "aot_attribute", "plugin_form_for",
            "plugin_support", "register_plugins", "rewrite_file", "rewrite_int4_linears", "triton_problem"]
 
 NOT_INSTALLED = "TensorRT is not installed"
 MIN_TRITON = (3, 0)
 _registered: dict[str, Any] = {}  # form -> what must stay alive (the V3 creator)
-
-
-def _error(message: str) -> Exception:
-    """QDetrError when qdetr_deploy is importable (it is, in this project), else RuntimeError."""
-    try:
-        from qdetr_deploy.errors import QDetrError
-    except ImportError:
-        return RuntimeError(message)
-    return QDetrError(message)
 
 
 def plugin_support() -> tuple[str | None, str]:
@@ -87,10 +80,10 @@ def register_plugins() -> str:
         return next(iter(_registered))
     form, reason = plugin_support()
     if form is None:
-        raise _error(f"4-bit TensorRT plugins unavailable: {reason}")
+        raise KernelError(f"4-bit TensorRT plugins unavailable: {reason}")
     problem = triton_problem()
     if problem is not None:
-        raise _error(f"4-bit TensorRT plugins unavailable: {problem}")
+        raise KernelError(f"4-bit TensorRT plugins unavailable: {problem}")
     import tensorrt as trt
 
     if form.startswith("qdp"):

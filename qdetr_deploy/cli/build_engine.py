@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import click
 
-from qdetr_deploy.errors import QDetrError
-
-TORCH_MODULE = "qdetr_deploy.engines.torch_gpu"
-
 
 def build_torch(model: str, out: str, bits: int) -> Path:
-    """Dispatch to the torch GPU engine builder when this build has it."""
-    try:
-        module = importlib.import_module(TORCH_MODULE)
-    except ModuleNotFoundError as e:
-        if e.name != TORCH_MODULE:
-            raise
-        raise QDetrError("the torch GPU engine is not available in this build") from None
-    return Path(module.build_torch_engine(model, out, bits))
+    """The torch GPU engine is packed by the exporter (``export.torch_engine``); torch is imported here."""
+    from qdetr_deploy.export.torch_engine import build_torch_engine
+
+    return Path(build_torch_engine(model, out, bits))
 
 
 def _build_ort(model: str, out: str, provider: str, threads: int | None, opt_level: str) -> Path:
@@ -38,7 +29,8 @@ def _build_ort(model: str, out: str, provider: str, threads: int | None, opt_lev
 @click.command("build-engine")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
-              help="Engine file (.ortengine for onnxruntime, .engine for TensorRT, .qdtorch for torch).")
+              help="Engine file (.ortengine or .engine for onnxruntime, .engine for TensorRT, .qdtorch for "
+                   "torch).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]), default="onnxruntime",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True,

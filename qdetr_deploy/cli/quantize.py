@@ -35,7 +35,7 @@ def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
                  residual_bits: str, act_zero_point: str, trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
-    from qdetr_deploy.export.calibration import quantize_checkpoint
+    from qdetr_deploy.pipeline import quantize_checkpoint
 
     path = quantize_checkpoint(teacher, out, bits=bits, calib=calib, calib_size=calib_size, method=method,
                                image_size=tuple(image_size), batch_size=batch_size,

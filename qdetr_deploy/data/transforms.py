@@ -18,10 +18,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
 
+from qdetr_deploy.deploy_format import IMAGENET_MEAN, IMAGENET_STD
 from qdetr_deploy.models.box_ops import box_xyxy_to_cxcywh
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Target = dict[str, Any] | None
 Transform = Callable[[Any, Target], tuple[Any, Target]]

@@ -1,27 +1,32 @@
-"""The one ``Engine`` interface, the qdetr metadata reader and ``open_engine`` (backend chosen by file).
+"""The one ``Engine`` interface and ``open_engine`` (backend chosen by the file's content, suffix as a hint).
 
 Nothing here imports a runtime: backends are imported when a file of their kind is opened, so the
-onnxruntime path never pulls in torch or TensorRT.
+onnxruntime path never pulls in torch or TensorRT. The metadata record and its readers live in
+``qdetr_deploy.deploy_format`` (re-exported here: ``METADATA_KEY``, ``parse_metadata``, ``read_metadata``).
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qdetr_deploy.deploy_format import METADATA_KEY, REQUIRED_METADATA, parse_metadata
+from qdetr_deploy.deploy_format import read_onnx_metadata as read_metadata
 from qdetr_deploy.errors import QDetrError
 
-METADATA_KEY = "qdetr"
+__all__ = ["METADATA_KEY", "REQUIRED_METADATA", "Engine", "InputSpec", "check_batch", "detect_engine_kind",
+           "open_engine", "parse_metadata", "read_metadata"]
+
 TRT_MAGIC = b"QDETRTRT"
+ZIP_MAGIC = b"PK\x03\x04"  # a torch.export archive (.qdtorch) is a zip
+ONNX_FIRST_BYTE = 0x08  # ModelProto field 1 (ir_version, varint): onnx writes it first
 ORT_SUFFIXES = (".onnx", ".ortengine")
 TORCH_SUFFIX = ".qdtorch"
-REQUIRED_METADATA = ("input_size", "mean", "std", "postprocess")
+TRT_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 class InputSpec(tuple):
@@ -113,83 +118,53 @@ def check_batch(engine: Engine, batch: int) -> None:
         raise QDetrError(f"batch {batch} is larger than the engine allows (max batch {limit})", engine.path)
 
 
-def parse_metadata(text: str | None, path: str | os.PathLike) -> dict:
-    """Decode and minimally validate the ``qdetr`` metadata JSON string."""
-    if text is None:
-        raise QDetrError("not a qdetr-deploy model (no 'qdetr' metadata): export it with qdetr-deploy export",
-                         path)
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise QDetrError(f"malformed 'qdetr' metadata JSON: {e.msg}", path) from None
-    if not isinstance(meta, dict):
-        raise QDetrError("malformed 'qdetr' metadata: not a JSON object", path)
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise QDetrError(f"'qdetr' metadata lacks {', '.join(missing)}", path)
-    return meta
-
-
-def read_metadata(onnx_path: str | os.PathLike) -> dict:
-    """``metadata_props["qdetr"]`` of an ONNX file as a dict (weights are not loaded into a runtime)."""
-    import onnx  # local: only this helper and the builders need the onnx package
-
-    path = Path(onnx_path)
+def detect_engine_kind(path: Path) -> str | None:
+    """"tensorrt", "torch" or "onnxruntime" from the first bytes of the file; None when they say nothing."""
     if not path.is_file():
-        raise QDetrError("file not found", path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise QDetrError(f"not an ONNX file ({type(e).__name__})", path) from None
-    if not model.graph.node and not model.graph.input:
-        raise QDetrError("not an ONNX file (no graph)", path)
-    props = {p.key: p.value for p in model.metadata_props}
-    return parse_metadata(props.get(METADATA_KEY), path)
-
-
-def _has_trt_header(path: Path) -> bool:
+        return None
     with open(path, "rb") as f:
-        return f.read(len(TRT_MAGIC)) == TRT_MAGIC
+        head = f.read(max(len(TRT_MAGIC), len(ZIP_MAGIC)))
+    if head.startswith(TRT_MAGIC):
+        return "tensorrt"
+    if head.startswith(ZIP_MAGIC):
+        return "torch"
+    if len(head) >= 2 and head[0] == ONNX_FIRST_BYTE and 0 < head[1] < 0x80:
+        return "onnxruntime"
+    return None
+
+
+def _kind_from_suffix(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in ORT_SUFFIXES:
+        return "onnxruntime"
+    if suffix == TORCH_SUFFIX:
+        return "torch"
+    if suffix in TRT_SUFFIXES:
+        raise QDetrError("not a qdetr TensorRT engine (no QDETRTRT header): build it with qdetr-deploy "
+                         "build-engine --backend tensorrt", path)
+    return None
 
 
 def open_engine(path: str | os.PathLike, **opts: Any) -> Engine:
-    """Open an engine, choosing the backend from the file: TensorRT header, ``.onnx``/``.ortengine``
-    (onnxruntime), ``.qdtorch`` (our torch GPU engine)."""
+    """Open an engine, choosing the backend from the file's content (the ``QDETRTRT`` header: TensorRT; a
+    zip: our torch GPU engine, a ``torch.export`` archive; an ONNX protobuf: onnxruntime), the suffix only
+    when the content says nothing (``.onnx``/``.ortengine``, ``.qdtorch``)."""
     path = Path(path)
     if not path.exists():
         raise QDetrError("file not found", path)
-    if path.is_file() and _has_trt_header(path):
+    kind = detect_engine_kind(path) or _kind_from_suffix(path)
+    if kind == "tensorrt":
         from qdetr_deploy.engines.tensorrt import TrtEngine
 
         return TrtEngine.load(path, **opts)
-    suffix = path.suffix.lower()
-    if suffix in ORT_SUFFIXES:
+    if kind == "onnxruntime":
         from qdetr_deploy.engines.onnxruntime import OrtEngine
 
         return OrtEngine.load(path, **opts)
-    if suffix == TORCH_SUFFIX:
-        return _open_torch_engine(path, **opts)
-    if suffix in (".engine", ".plan", ".trt"):
-        raise QDetrError("not a qdetr TensorRT engine (no QDETRTRT header): build it with qdetr-deploy "
-                         "build-engine --backend tensorrt", path)
-    raise QDetrError("unknown engine type: expected .onnx, .ortengine, a qdetr TensorRT engine or .qdtorch",
-                     path)
+    if kind == "torch":
+        from qdetr_deploy.engines.torch_gpu import TorchGpuEngine
 
-
-def _open_torch_engine(path: Path, **opts: Any) -> Engine:
-    """Dispatch to ``qdetr_deploy.engines.torch_gpu`` (added by a later change) when it exists."""
-    name = "qdetr_deploy.engines.torch_gpu"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise QDetrError(f"the torch GPU engine needs {e.name}, which is not installed", path) from None
-        raise QDetrError("the torch GPU engine is not available in this build "
-                         "(qdetr_deploy.engines.torch_gpu is missing)", path) from None
-    for attr in ("load_engine", "open_engine"):
-        if hasattr(module, attr):
-            return getattr(module, attr)(path, **opts)
-    for attr in ("TorchGpuEngine", "TorchEngine"):
-        if hasattr(module, attr):
-            return getattr(module, attr).load(path, **opts)
-    raise QDetrError(f"{name} provides no load_engine(path) or TorchGpuEngine.load(path)", path)
+        return TorchGpuEngine.load(path, **opts)
+    raise QDetrError("unknown engine type: by its content neither an ONNX model, a qdetr TensorRT engine "
+                     "(QDETRTRT header) nor a .qdtorch archive, and the suffix is not .onnx, .ortengine, "
+                     ".engine or .qdtorch", path)

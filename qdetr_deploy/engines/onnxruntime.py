@@ -11,7 +11,6 @@ This module imports no torch (checked by a test in a fresh process).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,13 +19,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from qdetr_deploy.deploy_format import METADATA_KEY, parse_metadata, read_onnx_metadata, sha256_file
 from qdetr_deploy.engines.base import (
-    METADATA_KEY,
     ORT_SUFFIXES,
     Engine,
     InputSpec,
-    parse_metadata,
-    read_metadata,
 )
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path, read_json, write_json
@@ -36,6 +33,7 @@ __all__ = ["OrtEngine", "build_ort_engine", "integer_kernel_report", "kernel_rep
 
 BUILD_KEY = "qdetr_ort_build"
 ENGINE_FORMAT = "qdetr-ortengine/1"
+BUILD_SUFFIXES = (*ORT_SUFFIXES, ".engine")  # open_engine recognises the ONNX content whatever the suffix
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -176,14 +174,6 @@ class OrtEngine(Engine):
         return dict(zip(self.output_names, outs))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _op_counts(model: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -195,15 +185,14 @@ def _op_counts(model: Any) -> dict[str, int]:
 def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, provider: str = "cpu",
                      threads: int | None = None, opt_level: str = "all") -> Path:
     """Optimise ``onnx_path`` with ONNX Runtime and save the optimised graph (+ build info) to
-    ``out_path`` (use ``.ortengine`` or ``.ort.onnx``) and the sidecar ``<out_path>.json``."""
+    ``out_path`` (``.ortengine``, ``.ort.onnx`` or ``.engine``) and the sidecar ``<out_path>.json``."""
     import onnx
     from onnx import helper
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    metadata = read_metadata(onnx_path)
-    if out_path.suffix.lower() not in ORT_SUFFIXES:
-        raise QDetrError(f"an onnxruntime engine needs the suffix {' or '.join(ORT_SUFFIXES)} "
-                         "(open_engine picks the backend by it)", out_path)
+    metadata = read_onnx_metadata(onnx_path)
+    if out_path.suffix.lower() not in BUILD_SUFFIXES:
+        raise QDetrError(f"an onnxruntime engine needs the suffix {', '.join(BUILD_SUFFIXES)}", out_path)
     if out_path.resolve() == onnx_path.resolve():
         raise QDetrError("the engine would overwrite its source model: choose another output path", out_path)
     save_level = SAVE_LEVEL.get(opt_level, opt_level)
@@ -215,7 +204,7 @@ def build_ort_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
         build = {
             "format": ENGINE_FORMAT, "onnxruntime_version": ort.__version__, "provider": provider,
             "providers": providers_for(provider), "threads": threads, "saved_opt_level": save_level,
-            "run_opt_level": opt_level, "source": str(onnx_path), "source_sha256": _sha256(onnx_path),
+            "run_opt_level": opt_level, "source": str(onnx_path), "source_sha256": sha256_file(onnx_path),
             "op_types": _op_counts(model),
             "integer_kernels": kernel_report_summary(integer_kernel_report(model)),
         }

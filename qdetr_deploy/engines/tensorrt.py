@@ -20,7 +20,6 @@ reads the GPU name and compute capability through torch or, without it, cuda-pyt
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -33,7 +32,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdetr_deploy.engines.base import TRT_MAGIC, Engine, InputSpec, read_metadata
+from qdetr_deploy.deploy_format import read_onnx_metadata as read_metadata
+from qdetr_deploy.engines.base import TRT_MAGIC, Engine, InputSpec
 from qdetr_deploy.engines.trt_graph import int4_to_int8
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path
@@ -181,14 +181,24 @@ def _cuda_python_identity() -> tuple[str, tuple[int, int]]:
 def int4_plugin_registrar() -> Any:
     """``kernels.trt_plugins.register_plugins`` for ``--bits 4``, else QDetrError(NO_INT4)."""
     try:
-        module = importlib.import_module("kernels.trt_plugins")
+        from kernels import trt_plugins
     except ModuleNotFoundError as e:
         if e.name not in ("kernels", "kernels.trt_plugins"):
             raise QDetrError(f"{NO_INT4} ({e.name} is missing)") from None
         raise QDetrError(NO_INT4) from None
-    if not callable(getattr(module, "register_plugins", None)):
+    if not callable(getattr(trt_plugins, "register_plugins", None)):
         raise QDetrError(NO_INT4)
-    return module.register_plugins
+    return trt_plugins.register_plugins
+
+
+def register_int4_plugins(register_plugins: Any) -> str:
+    """Call the kernels' plugin registration, its ``KernelError`` translated to a one-line QDetrError."""
+    from kernels.errors import KernelError
+
+    try:
+        return register_plugins()
+    except KernelError as e:
+        raise QDetrError(str(e)) from None
 
 
 def _make_logger(trt: Any) -> Any:
@@ -309,7 +319,7 @@ def build_trt_engine(onnx_path: str | os.PathLike, out_path: str | os.PathLike, 
     register_plugins = int4_plugin_registrar() if bits == 4 else None
     trt = import_tensorrt()
     gpu_name, cc = gpu_identity()
-    form = register_plugins() if register_plugins is not None else None
+    form = register_int4_plugins(register_plugins) if register_plugins is not None else None
     graph = network_graph(onnx_path, bits, form)
     if not skip_lint:
         lint_network(graph, trt.__version__, cc, onnx_path)
@@ -384,7 +394,7 @@ class TrtEngine(Engine):
             f.seek(header.plan_offset)
             plan = f.read()
         if header.build.get("bits") == 4:  # the plan holds qdetr::W4A8Linear plugins
-            int4_plugin_registrar()()
+            register_int4_plugins(int4_plugin_registrar())
         runtime = trt.Runtime(_make_logger(trt))
         engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:

@@ -8,47 +8,31 @@ On CUDA each batch size gets a CUDA graph: a static input buffer, warm-up calls 
 autotuning happens there), one capture, then ``copy_ + replay`` per call; :meth:`peak_device_memory` is
 ``torch.cuda.max_memory_allocated``. On CPU the program runs eagerly on the integer reference ops.
 
-This module imports torch and ``kernels.ops`` only (no model or quantization code); the builder lives in
-``qdetr_deploy.export.torch_engine`` and :func:`build_torch_engine` imports it on call.
+This module imports torch and ``kernels.ops`` only, inside :func:`_import_torch` (no model, quantization or
+export code); the builder is ``qdetr_deploy.export.torch_engine.build_torch_engine``, which the CLI calls.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qdetr_deploy.deploy_format import METADATA_FILE, read_qdtorch_metadata
+from qdetr_deploy.deploy_format import TORCH_FORMAT as FORMAT
 from qdetr_deploy.engines.base import Engine, InputSpec
 from qdetr_deploy.errors import QDetrError
 
-METADATA_FILE = "qdetr.json"
-FORMAT = "qdetr-torch/1"
+__all__ = ["FORMAT", "METADATA_FILE", "TorchGpuEngine", "check_device", "current_device_info",
+           "describe_device", "load_engine", "read_engine_metadata"]
 WARMUP_CALLS = 3
 
 
 def read_engine_metadata(path: str | os.PathLike) -> dict:
-    """The ``qdetr.json`` metadata of a ``.qdtorch`` file, without torch; one-line QDetrError otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise QDetrError("file not found", path)
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(f"/extra/{METADATA_FILE}")]
-            if not names:
-                raise QDetrError("not a qdetr torch engine (no qdetr.json in the archive)", path)
-            meta = json.loads(z.read(names[0]).decode())
-    except (zipfile.BadZipFile, OSError) as e:
-        raise QDetrError(f"not a qdetr torch engine ({type(e).__name__}): rebuild it with build-engine "
-                         "--backend torch", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise QDetrError("malformed qdetr.json metadata in the engine", path) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "engine" not in meta:
-        raise QDetrError(f"not a {FORMAT} engine (unknown metadata format)", path)
-    return meta
+    """The ``qdetr.json`` metadata of a ``.qdtorch`` file, without torch (``deploy_format``'s reader)."""
+    return read_qdtorch_metadata(path)
 
 
 def describe_device(info: dict) -> str:
@@ -187,11 +171,3 @@ def load_engine(path: str | os.PathLike, **opts: Any) -> TorchGpuEngine:
     """``open_engine``'s entry point for ``.qdtorch`` files."""
     return TorchGpuEngine.load(path, **opts)
 
-
-def build_torch_engine(ckpt_path_or_model: Any, out_path: str | os.PathLike, bits: int = 4,
-                       **opts: Any) -> Path:
-    """Build a ``.qdtorch`` engine (``qdetr_deploy.export.torch_engine.build_torch_engine``, imported here
-    so that loading an engine never imports the model code)."""
-    from qdetr_deploy.export.torch_engine import build_torch_engine as build
-
-    return build(ckpt_path_or_model, out_path, bits, **opts)

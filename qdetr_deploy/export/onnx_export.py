@@ -20,8 +20,15 @@ import torch
 from onnx import TensorProto, external_data_helper, helper
 from torch import nn
 
-from qdetr_deploy.checkpoints import Checkpoint, file_sha256, load_checkpoint
-from qdetr_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from qdetr_deploy.checkpoints import Checkpoint, load_checkpoint
+from qdetr_deploy.deploy_format import (
+    METADATA_KEY,
+    ONNX_FORMAT,
+    class_names_of,
+    default_size,
+    model_metadata,
+    sha256_file,
+)
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export import folding
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
@@ -31,12 +38,10 @@ from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.models.backbone import output_size
 from qdetr_deploy.quant.api import is_quantized
 
-FORMAT = "qdetr-onnx/1"
-METADATA_KEY = "qdetr"
+FORMAT = ONNX_FORMAT
 QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes live (used by the check)
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
 DEFAULT_OPSET = 21
-DEFAULT_IMAGE_SIZE = (800, 800)
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit, with a margin
 DEFAULT_CONV_BIAS = {"onnxruntime": "float", "tensorrt": "float"}
 
@@ -124,7 +129,7 @@ def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.Pat
     opset = opset or default_opset(target, trt_version)
     _check_options(model, opset, target, weight_container)
     _check_conv_bias(conv_bias, target)
-    size = tuple(image_size) if image_size else _default_size(ckpt)
+    size = tuple(image_size) if image_size else default_size(ckpt.meta)
     onnx_model, ctx = build_onnx(model, size, opset=opset, target=target, trt_version=trt_version,
                                  batch=None if dynamic_batch else batch, postprocess=postprocess,
                                  weight_container=weight_container, strict_trt=strict_trt,
@@ -144,16 +149,11 @@ def export_metadata(ckpt: Checkpoint, size: tuple[int, int], *, target: str, pos
                     batch: int | None) -> dict[str, Any]:
     """The ``qdetr`` metadata of docs/ARCHITECTURE.md "ONNX model"."""
     cfg, qcfg = ckpt.detr_config, ckpt.quant_config if is_quantized(ckpt.model) else None
-    names = list(cfg.class_names) if cfg.class_names else [f"class_{i}" for i in range(cfg.num_classes)]
-    return {
-        "format": FORMAT, "input_size": [int(size[0]), int(size[1])], "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD), "class_names": names,
-        "category_ids": list(ckpt.category_ids) if ckpt.category_ids is not None else None,
-        "num_classes": cfg.num_classes, "postprocess": bool(postprocess), "dynamic_batch": batch is None,
-        "batch": batch, "bits": qcfg.bits if qcfg else "fp32",
-        "quant_config": qcfg.to_dict() if qcfg else None,
-        "target": target, "source": {"path": str(ckpt.path), "sha256": file_sha256(ckpt.path)},
-    }
+    return model_metadata(
+        format=FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=ckpt.category_ids,
+        num_classes=cfg.num_classes, postprocess=postprocess, batch=batch, bits=qcfg.bits if qcfg else "fp32",
+        quant_config=qcfg.to_dict() if qcfg else None, target=target,
+        source={"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)})
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -212,11 +212,6 @@ def _check_conv_bias(conv_bias: str | None, target: str) -> str:
     if conv_bias == "int32" and target != "onnxruntime":
         raise QDetrError("--conv-bias int32 is for the onnxruntime target (QLinearConv)")
     return conv_bias
-
-
-def _default_size(ckpt: Checkpoint) -> tuple[int, int]:
-    size = (ckpt.meta.get("calibration") or {}).get("image_size") if isinstance(ckpt.meta, dict) else None
-    return (int(size[0]), int(size[1])) if size else DEFAULT_IMAGE_SIZE
 
 
 def _constants(ctx: Ctx, model: nn.Module, size: tuple[int, int]) -> tuple[str, str, str]:

@@ -40,8 +40,16 @@ from torch import Tensor, nn
 import kernels.ops  # noqa: F401  (registers torch.ops.qdetr.*)
 from kernels.conv_int4 import conv_weight_to_gemm
 from kernels.packing import pack_int4, zero_point_correction
-from qdetr_deploy.checkpoints import Checkpoint, file_sha256, load_checkpoint
-from qdetr_deploy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from qdetr_deploy.checkpoints import Checkpoint, load_checkpoint
+from qdetr_deploy.deploy_format import (
+    METADATA_FILE,
+    TORCH_FORMAT,
+    class_names_of,
+    default_size,
+    model_metadata,
+    read_onnx_metadata,
+    sha256_file,
+)
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path, check_output_path
 from qdetr_deploy.models.attention import MultiheadAttention
@@ -51,10 +59,8 @@ from qdetr_deploy.quant.api import is_quantized
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
-FORMAT = "qdetr-torch/1"
+FORMAT = TORCH_FORMAT
 SUFFIX = ".qdtorch"
-METADATA_FILE = "qdetr.json"
-DEFAULT_IMAGE_SIZE = (800, 800)
 DEFAULT_MAX_BATCH = 64
 OUTPUTS = {True: ["scores", "labels", "boxes"], False: ["pred_logits", "pred_boxes"]}
 _BN = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -454,9 +460,7 @@ def _load(source: str | os.PathLike | Checkpoint | nn.Module) -> tuple[nn.Module
         return copy.deepcopy(source.model), source, {}
     path, onnx_meta = Path(source), {}
     if path.suffix.lower() == ".onnx":  # build-engine takes MODEL.onnx: use its metadata and source
-        from qdetr_deploy.engines.base import read_metadata
-
-        onnx_meta = read_metadata(path)
+        onnx_meta = read_onnx_metadata(path)
         src = (onnx_meta.get("source") or {}).get("path")
         if not src or not Path(src).is_file():
             raise QDetrError(f"the torch backend builds from the checkpoint; {src or 'no checkpoint'} "
@@ -466,33 +470,21 @@ def _load(source: str | os.PathLike | Checkpoint | nn.Module) -> tuple[nn.Module
     return ckpt.model, ckpt, onnx_meta
 
 
-def _default_size(ckpt: Checkpoint | None, onnx_meta: dict) -> tuple[int, int]:
-    if onnx_meta.get("input_size"):
-        return tuple(int(v) for v in onnx_meta["input_size"])
-    meta = ckpt.meta if ckpt is not None and isinstance(ckpt.meta, dict) else {}
-    size = (meta.get("calibration") or {}).get("image_size")
-    return (int(size[0]), int(size[1])) if size else DEFAULT_IMAGE_SIZE
-
-
 def engine_metadata(model: nn.Module, ckpt: Checkpoint | None, size: tuple[int, int], batch: int | None,
                     max_batch: int, with_postprocess: bool, device: torch.device, dtype: torch.dtype,
                     conversion: Conversion) -> dict[str, Any]:
     """The ONNX-model metadata of docs/ARCHITECTURE.md plus ``outputs``, ``max_batch`` and ``engine``."""
     cfg, qcfg = model.config, getattr(model, "quant_config", None)
-    names = list(cfg.class_names) if cfg.class_names else [f"class_{i}" for i in range(cfg.num_classes)]
-    source = {"path": str(ckpt.path), "sha256": file_sha256(ckpt.path)} if ckpt is not None else None
-    return {
-        "format": FORMAT, "input_size": [int(size[0]), int(size[1])], "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD), "class_names": names,
-        "category_ids": list(ckpt.category_ids) if ckpt is not None and ckpt.category_ids else None,
-        "num_classes": cfg.num_classes, "postprocess": bool(with_postprocess), "dynamic_batch": batch is None,
-        "batch": batch, "max_batch": batch or max_batch, "bits": qcfg.bits if qcfg else "fp32",
-        "quant_config": qcfg.to_dict() if qcfg else None, "target": "torch", "source": source,
-        "outputs": OUTPUTS[bool(with_postprocess)],
-        "engine": {"device": device_info(device), "dtype": str(dtype).removeprefix("torch."),
-                   "torch_version": torch.__version__, "weight_bits_packed": 4,
-                   "int_layers": len(conversion.int_layers), "fake_quant_layers": conversion.fake_quant},
-    }
+    source = {"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)} if ckpt is not None else None
+    category_ids = list(ckpt.category_ids) if ckpt is not None and ckpt.category_ids else None
+    return model_metadata(
+        format=FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=category_ids,
+        num_classes=cfg.num_classes, postprocess=with_postprocess, batch=batch, max_batch=batch or max_batch,
+        bits=qcfg.bits if qcfg else "fp32", quant_config=qcfg.to_dict() if qcfg else None, target="torch",
+        source=source, outputs=OUTPUTS[bool(with_postprocess)],
+        engine={"device": device_info(device), "dtype": str(dtype).removeprefix("torch."),
+                "torch_version": torch.__version__, "weight_bits_packed": 4,
+                "int_layers": len(conversion.int_layers), "fake_quant_layers": conversion.fake_quant})
 
 
 def build_torch_engine(ckpt_path_or_model: str | os.PathLike | Checkpoint | nn.Module,
@@ -523,7 +515,8 @@ def build_torch_engine(ckpt_path_or_model: str | os.PathLike | Checkpoint | nn.M
     if not is_quantized(model):
         raise QDetrError("not a quantized model: the torch engine runs the 4-bit kernels of a quantized "
                          "checkpoint (quantize and calibrate it first)")
-    size = tuple(int(v) for v in image_size) if image_size else _default_size(ckpt, onnx_meta)
+    size = tuple(int(v) for v in image_size) if image_size else default_size(
+        ckpt.meta if ckpt is not None else None, onnx_meta)
     if onnx_meta and batch == 1 and onnx_meta.get("dynamic_batch"):  # keep the ONNX model's batch
         batch = None
     elif onnx_meta and batch == 1:

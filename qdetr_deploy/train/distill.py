@@ -48,28 +48,20 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from qdetr_deploy.checkpoints import file_sha256, load_checkpoint
+from qdetr_deploy.checkpoints import load_checkpoint
+from qdetr_deploy.deploy_format import sha256_file
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models import build_detr
 from qdetr_deploy.quant import QuantConfig, calibrate, quantize
 from qdetr_deploy.quant.config import DA_PLACEMENTS, DEFAULT_FP_MODULES
 from qdetr_deploy.train import distributed as D
+from qdetr_deploy.train.config import CHECKPOINT_NAME, TrainConfig, TrainResult
 from qdetr_deploy.train.criterion import SetCriterion
+from qdetr_deploy.train.datasets import Data, check_classes, load_data, train_loader
 from qdetr_deploy.train.fqm import DISTANCES, PAPER_LAMBDA, PAPER_TAU, drd_loss, fqm_match
-from qdetr_deploy.train.loop import (
-    CHECKPOINT_NAME,
-    Data,
-    TrainConfig,
-    TrainResult,
-    check_classes,
-    fit,
-    load_data,
-    read_resume_state,
-    resume_model,
-    seed_all,
-    set_criterion,
-    train_loader,
-)
+from qdetr_deploy.train.loop import fit
+from qdetr_deploy.train.recipe import set_criterion
+from qdetr_deploy.train.state import read_resume_state, resume_model, seed_all
 
 FROM_TEACHER = "from-teacher"
 BACKBONE_ONLY = ("transformer.*",)
@@ -330,7 +322,7 @@ def distill(student: str, teacher: str, config: TrainConfig, dcfg: DistillConfig
         seed_all(config.seed)
         teacher_model = load_teacher(teacher, trust, env.device) if dcfg.fqm else None
         meta = {"stage": "distill", "student": student, "distill": dataclasses.asdict(dcfg),
-                "teacher": {"path": str(teacher), "sha256": file_sha256(teacher)}}
+                "teacher": {"path": str(teacher), "sha256": sha256_file(teacher)}}
         if dcfg.two_stage:
             return _two_stage(student, teacher, teacher_model, config, dcfg, meta, env, trust)
         state = read_resume_state(config)

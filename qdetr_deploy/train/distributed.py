@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from qdetr_deploy.errors import QDetrError
 
@@ -221,3 +223,33 @@ class SeededDataset(Dataset):
         finally:
             random.setstate(py_state)
             torch.set_rng_state(torch_state)
+
+
+# -- wrapping the model ----------------------------------------------------------------------------------
+def probe_unused(model: nn.Module, objective: Callable, loader: DataLoader, device: torch.device) -> bool:
+    """One forward/backward before DDP wrapping: True when some trainable parameter gets no gradient."""
+    buffers = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    images, mask, targets = next(iter(loader))
+    loss, _ = objective(model, images.to(device), mask.to(device), to_device(targets, device))
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(buffers)
+    return any(all_gather_object(bool(unused)))
+
+
+def wrap_ddp(model: nn.Module, objective: Callable, loader: DataLoader, config: Any, env: DistEnv
+             ) -> nn.Module:
+    """``model`` in DistributedDataParallel when several processes run (``config.find_unused_parameters``:
+    None probes with :func:`probe_unused`)."""
+    if not env.distributed:
+        return model
+    find_unused = config.find_unused_parameters
+    if find_unused is None:
+        find_unused = probe_unused(model, objective, loader, env.device)
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]

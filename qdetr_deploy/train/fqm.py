@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU  # noqa: F401  (PAPER_LAMBDA: re-exported)
 
-PAPER_TAU = 0.6
-PAPER_LAMBDA = 2.5
 DISTANCES = ("l2", "mse")
 Pairs = list[tuple[Tensor, Tensor]]
 

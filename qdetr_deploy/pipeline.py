@@ -1,0 +1,51 @@
+"""Whole-pipeline library functions: a checkpoint in, a checkpoint out, each behind one CLI command.
+
+``quantize_checkpoint`` (``qdetr-deploy quantize``): full-precision teacher -> quantized, calibrated student.
+The other stages have their own homes: ``train.loop.train``, ``train.distill.distill``,
+``export.onnx_export.export_onnx``, ``export.torch_engine.build_torch_engine``, ``demo.run_demo``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qdetr_deploy.checkpoints import load_checkpoint, save_checkpoint
+from qdetr_deploy.deploy_format import sha256_file
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.export.calibration import image_batches, list_images
+from qdetr_deploy.io import check_output_path
+from qdetr_deploy.quant import CALIBRATION_METHODS, QuantConfig, calibrate, is_quantized, quantize
+
+
+def quantize_checkpoint(teacher: str | os.PathLike, output: str | os.PathLike, *, bits: str = "4-4-8",
+                        calib: str | os.PathLike, calib_size: int = 32, method: str = "lsq+",
+                        image_size: tuple[int, int] = (800, 800), batch_size: int = 4,
+                        act_granularity: str = "tensor", da: str = "self", trust: bool = False,
+                        progress: bool = True, residual_bits: int | None = None,
+                        act_zero_point: str = "learned") -> Path:
+    """Load a full-precision checkpoint (ours or upstream .pth), quantize it to ``bits``, calibrate every step
+    on ``calib_size`` images of ``calib`` and save the student (.safetensors) with its provenance.
+    ``residual_bits``, ``act_zero_point``: the QuantConfig fields (defaults: the paper's method)."""
+    output = check_output_path(output)
+    if method not in CALIBRATION_METHODS:
+        raise QDetrError(f"calibration method {method!r} is not one of {list(CALIBRATION_METHODS)}")
+    if calib_size < 1 or batch_size < 1:
+        raise QDetrError("--calib-size and --batch-size must be >= 1")
+    config = QuantConfig.from_bits(bits, act_granularity=act_granularity, da=da, residual_bits=residual_bits,
+                                   act_zero_point=act_zero_point)
+    files = list_images(calib, calib_size)
+    ckpt = load_checkpoint(teacher, trust=trust)
+    if is_quantized(ckpt.model):
+        raise QDetrError("checkpoint is already quantized: quantize needs a full-precision teacher", teacher)
+    model = quantize(ckpt.model.eval(), config)
+    size = (int(image_size[0]), int(image_size[1]))
+    calibrate(model, image_batches(files, size, batch_size), method=method, progress=progress)
+    meta = {
+        "stage": "quantized",
+        "source": {"path": str(teacher), "sha256": sha256_file(teacher), "meta": ckpt.meta},
+        "calibration": {"images": str(calib), "count": len(files), "method": method,
+                        "image_size": list(size), "batch_size": batch_size},
+        "quant_config": config.to_dict(),
+    }
+    return save_checkpoint(model, output, category_ids=ckpt.category_ids, meta=meta)
