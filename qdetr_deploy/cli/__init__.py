@@ -7,7 +7,9 @@ User mistakes (:class:`~qdetr_deploy.errors.QDetrError`) become one line on stde
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 import click
 
@@ -15,7 +17,27 @@ from qdetr_deploy import __version__
 from qdetr_deploy.errors import QDetrError
 
 
-class _Group(click.Group):
+class LazyGroup(click.Group):
+    """A group whose commands live in modules imported only when a command is looked up (Click's
+    "LazyGroup" pattern): ``lazy_commands`` maps a command name to its module under ``qdetr_deploy.cli``,
+    which lists its commands in ``COMMANDS``."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(self.lazy_commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy_commands:
+            module = importlib.import_module(f"{__name__}.{self.lazy_commands[name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return self.commands.get(name)
+
+
+class _Group(LazyGroup):
     """Maps QDetrError, file-system errors and Click's usage errors to one line and exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -51,16 +73,6 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="qdetr-deploy")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """Quantized detection transformers (Q-DETR): distill, export, build engines, benchmark."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
-
-
 # command name -> module under qdetr_deploy.cli; modules are imported only when their command runs (or for
 # the group's --help), so `bench` of an ONNX Runtime engine never imports torch.
 LAZY_COMMANDS = {
@@ -77,22 +89,15 @@ LAZY_COMMANDS = {
 }
 
 
-def _lazy_list(self: click.Group, ctx: click.Context) -> list[str]:
-    return sorted(set(self.commands) | set(LAZY_COMMANDS))
-
-
-def _lazy_get(self: click.Group, ctx: click.Context, name: str) -> click.Command | None:
-    if name not in self.commands and name in LAZY_COMMANDS:
-        import importlib
-
-        module = importlib.import_module(f"qdetr_deploy.cli.{LAZY_COMMANDS[name]}")
-        for command in getattr(module, "COMMANDS", ()):
-            self.add_command(command)
-    return self.commands.get(name)
-
-
-_Group.list_commands = _lazy_list
-_Group.get_command = _lazy_get
+@click.group(cls=_Group, lazy_commands=LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qdetr-deploy")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Quantized detection transformers (Q-DETR): distill, export, build engines, benchmark."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
 
 
 def main() -> None:

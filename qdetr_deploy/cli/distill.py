@@ -9,7 +9,7 @@ import click
 
 from qdetr_deploy.cli.train import loop_options, report, train_config
 from qdetr_deploy.quant.config import DA_PLACEMENTS
-from qdetr_deploy.train.fqm import PAPER_LAMBDA, PAPER_TAU
+from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU
 
 
 @click.command("distill")

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from qdetr_deploy.data.shapes import make_shapes_dataset
-
 
 @click.command("make-dataset")
 @click.argument("kind", type=click.Choice(["shapes"]))
@@ -21,6 +19,8 @@ from qdetr_deploy.data.shapes import make_shapes_dataset
 def make_dataset(kind: str, out_dir: Path, num_train: int, num_val: int, image_size: int, seed: int,
                  overwrite: bool) -> None:
     """Write the KIND dataset (only "shapes": coloured shapes, COCO JSON) under --out."""
+    from qdetr_deploy.data.shapes import make_shapes_dataset
+
     paths = make_shapes_dataset(out_dir, num_train=num_train, num_val=num_val, image_size=image_size,
                                 seed=seed, overwrite=overwrite)
     click.echo(f"{kind} dataset in {paths['root']}")

@@ -11,8 +11,10 @@ from typing import Any
 
 import click
 
-from qdetr_deploy.models.config import PRESETS
-from qdetr_deploy.train.loop import TrainConfig, TrainResult
+from qdetr_deploy.train.config import TrainConfig, TrainResult  # torch-free: --help runs without torch
+
+# the names of models.config.PRESETS, spelled out so that --help needs no torch (a test keeps them equal)
+ARCHS = ("detr_r101", "detr_r18", "detr_r50", "detr_tiny")
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -115,7 +117,7 @@ def report(result: TrainResult) -> None:
 
 @click.command("train")
 @loop_options("runs/train")
-@click.option("--arch", type=click.Choice(sorted(PRESETS)), help="Model preset [default: detr_r50].")
+@click.option("--arch", type=click.Choice(ARCHS), help="Model preset [default: detr_r50].")
 @click.option("--init", type=click.Path(dir_okay=False),
               help="Start from this checkpoint (ours or upstream DETR); the class head is resized if needed.")
 @click.option("--trust-checkpoint", is_flag=True,

@@ -1,34 +1,34 @@
 """Quantization: ``QuantConfig``, LSQ+ quantizers, distribution alignment, ``quantize`` and ``calibrate``."""
 
-from qdetr_deploy.quant.align import DistributionAlignment
-from qdetr_deploy.quant.api import (
-    CALIBRATION_METHODS,
-    act_quantizers,
-    calibrate,
-    is_quantized,
-    quantize,
-    weight_quantized_layers,
-)
-from qdetr_deploy.quant.config import QuantConfig
-from qdetr_deploy.quant.lsq import fake_quant_act, fake_quant_weight, int_range
-from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
-from qdetr_deploy.quant.quantizers import ActQParams, ActQuantizer
+from __future__ import annotations
 
-__all__ = [
-    "CALIBRATION_METHODS",
-    "ActQParams",
-    "ActQuantizer",
-    "DistributionAlignment",
-    "QuantConfig",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantMultiheadAttention",
-    "act_quantizers",
-    "calibrate",
-    "fake_quant_act",
-    "fake_quant_weight",
-    "int_range",
-    "is_quantized",
-    "quantize",
-    "weight_quantized_layers",
-]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it; imported on first use (PEP 562), so that importing a
+# torch-free submodule such as ``config`` does not import torch (the CLI's --help runs without it)
+_EXPORTS = {
+    "ActQParams": "quantizers",
+    "ActQuantizer": "quantizers",
+    "CALIBRATION_METHODS": "api",
+    "DistributionAlignment": "align",
+    "QuantConfig": "config",
+    "QuantConv2d": "modules",
+    "QuantLinear": "modules",
+    "QuantMultiheadAttention": "modules",
+    "act_quantizers": "api",
+    "calibrate": "api",
+    "fake_quant_act": "lsq",
+    "fake_quant_weight": "lsq",
+    "int_range": "lsq",
+    "is_quantized": "api",
+    "quantize": "api",
+    "weight_quantized_layers": "api",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
