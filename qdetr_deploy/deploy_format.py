@@ -46,9 +46,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 def model_metadata(*, format: str, input_size: Sequence[int], class_names: Sequence[str],
                    category_ids: Sequence[int] | None, num_classes: int, postprocess: bool, batch: int | None,
                    bits: str, quant_config: dict | None, target: str, source: dict | None,
-                   **extra: Any) -> dict[str, Any]:
-    """The ``qdetr`` metadata record (keys in the documented order; ``extra`` appended, e.g. the torch
-    engine's ``max_batch``, ``outputs``, ``engine``). ``batch=None`` means a dynamic batch."""
+                   max_batch: int | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``qdetr`` metadata record, keys in the documented order. ``batch=None``: a dynamic batch;
+    ``max_batch``: recorded (after ``batch``) by engines that have one; ``extra`` is appended (the torch
+    engine's ``outputs`` and ``engine``)."""
     record = {
         "format": format, "input_size": [int(input_size[0]), int(input_size[1])], "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD), "class_names": list(class_names),
@@ -56,8 +57,8 @@ def model_metadata(*, format: str, input_size: Sequence[int], class_names: Seque
         "num_classes": int(num_classes), "postprocess": bool(postprocess), "dynamic_batch": batch is None,
         "batch": batch,
     }
-    if "max_batch" in extra:  # the torch engine's record keeps max_batch next to batch
-        record["max_batch"] = extra.pop("max_batch")
+    if max_batch is not None:
+        record["max_batch"] = max_batch
     record.update({"bits": bits, "quant_config": quant_config, "target": target, "source": source})
     record.update(extra)
     return record

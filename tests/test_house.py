@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -175,3 +176,21 @@ def test_build_engine_onnxruntime_as_dot_engine(tmp_path):
     assert res.exit_code == 0, res.output
     engine = open_engine(out)
     assert engine.backend == "onnxruntime" and engine.metadata["input_size"] == [64, 64]
+
+
+def test_deploy_format_record_round_trip(tmp_path):
+    from qdetr_deploy.deploy_format import ONNX_FORMAT, model_metadata, read_sidecar
+
+    record = model_metadata(format=ONNX_FORMAT, input_size=(64, 96), class_names=["a", "b"],
+                            category_ids=[1, 3], num_classes=2, postprocess=True, batch=None, bits="4-4-8",
+                            quant_config=None, target="onnxruntime", source=None)
+    assert list(record) == ["format", "input_size", "mean", "std", "class_names", "category_ids",
+                            "num_classes", "postprocess", "dynamic_batch", "batch", "bits", "quant_config",
+                            "target", "source"]
+    assert record["dynamic_batch"] and record["input_size"] == [64, 96]
+    side = tmp_path / "m.onnx.json"
+    side.write_text(json.dumps(record))
+    assert read_sidecar(side) == record
+    side.write_text(json.dumps({"format": ONNX_FORMAT}))
+    msg = str(pytest.raises(QDetrError, read_sidecar, side).value)
+    assert "lacks input_size, mean, std, postprocess" in msg and str(side) in msg

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from qdetr_deploy.deploy_format import METADATA_FILE, read_qdtorch_metadata
-from qdetr_deploy.deploy_format import TORCH_FORMAT as FORMAT
+from qdetr_deploy.deploy_format import read_qdtorch_metadata
 from qdetr_deploy.engines.base import Engine, InputSpec
 from qdetr_deploy.errors import QDetrError
 
-__all__ = ["FORMAT", "METADATA_FILE", "TorchGpuEngine", "check_device", "current_device_info",
-           "describe_device", "load_engine", "read_engine_metadata"]
+__all__ = ["TorchGpuEngine", "check_device", "current_device_info", "describe_device", "load_engine",
+           "read_engine_metadata"]
 WARMUP_CALLS = 3
 
 

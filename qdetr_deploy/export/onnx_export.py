@@ -38,7 +38,6 @@ from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.models.backbone import output_size
 from qdetr_deploy.quant.api import is_quantized
 
-FORMAT = ONNX_FORMAT
 QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes live (used by the check)
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
 DEFAULT_OPSET = 21
@@ -150,7 +149,7 @@ def export_metadata(ckpt: Checkpoint, size: tuple[int, int], *, target: str, pos
     """The ``qdetr`` metadata of docs/ARCHITECTURE.md "ONNX model"."""
     cfg, qcfg = ckpt.detr_config, ckpt.quant_config if is_quantized(ckpt.model) else None
     return model_metadata(
-        format=FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=ckpt.category_ids,
+        format=ONNX_FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=ckpt.category_ids,
         num_classes=cfg.num_classes, postprocess=postprocess, batch=batch, bits=qcfg.bits if qcfg else "fp32",
         quant_config=qcfg.to_dict() if qcfg else None, target=target,
         source={"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)})

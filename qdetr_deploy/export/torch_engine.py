@@ -59,7 +59,6 @@ from qdetr_deploy.quant.api import is_quantized
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
-FORMAT = TORCH_FORMAT
 SUFFIX = ".qdtorch"
 DEFAULT_MAX_BATCH = 64
 OUTPUTS = {True: ["scores", "labels", "boxes"], False: ["pred_logits", "pred_boxes"]}
@@ -478,7 +477,7 @@ def engine_metadata(model: nn.Module, ckpt: Checkpoint | None, size: tuple[int, 
     source = {"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)} if ckpt is not None else None
     category_ids = list(ckpt.category_ids) if ckpt is not None and ckpt.category_ids else None
     return model_metadata(
-        format=FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=category_ids,
+        format=TORCH_FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=category_ids,
         num_classes=cfg.num_classes, postprocess=with_postprocess, batch=batch, max_batch=batch or max_batch,
         bits=qcfg.bits if qcfg else "fp32", quant_config=qcfg.to_dict() if qcfg else None, target="torch",
         source=source, outputs=OUTPUTS[bool(with_postprocess)],
