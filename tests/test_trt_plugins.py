@@ -187,8 +187,7 @@ def test_fused_kernel_bit_exact_in_interpreter():
     """The AOT plugin's fused kernel equals quantize_act_ref + w4a8_linear_ref bit for bit."""
     _run("""
         import torch
-        from kernels.errors import KernelError
-from kernels.gemm_w4a8 import w4a8_linear_ref
+        from kernels.gemm_w4a8 import w4a8_linear_ref
         from kernels.packing import pack_int4, zero_point_correction
         from kernels.quantize_act import quantize_act_ref
         from kernels.trt_plugins.fused import w4a8_fused_linear
