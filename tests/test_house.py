@@ -32,6 +32,9 @@ FORBIDDEN = {
     "export": {"train", "engines", "pipeline", "demo", "cli"},
     "train": {"export", "engines", "pipeline", "demo", "cli"},
 }
+# documented exceptions: (importing package, imported module) that docs/ARCHITECTURE.md allows
+# (export.trt_lint: pure onnx, imported inside engines/tensorrt's functions)
+ALLOWED = {("engines", "qdetr_deploy.export.trt_lint")}
 NO_TORCH_AT_MODULE_LEVEL = ("engines", "bench", "deploy_format", "errors", "io", "cli")
 TORCH = ("torch", "torchvision", "kernels.ops")
 
@@ -71,7 +74,7 @@ def test_import_directions():
     for name, path in _modules().items():
         own = _package(name)
         for line, target in _imports(path, module_level=False):
-            if _package(target) in FORBIDDEN.get(own, ()):
+            if _package(target) in FORBIDDEN.get(own, ()) and (own, target) not in ALLOWED:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not bad, "imports against docs/ARCHITECTURE.md:\n" + "\n".join(bad)
 

@@ -32,8 +32,9 @@ from kernels.trt_plugins.onnx_rewrite import (
     rewrite_int4_linears,
 )
 
-__all__ = ["DOMAIN", "KernelError", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "aot_attribute", "plugin_form_for",
-           "plugin_support", "register_plugins", "rewrite_file", "rewrite_int4_linears", "triton_problem"]
+__all__ = ["DOMAIN", "KernelError", "NOT_INSTALLED", "OP_TYPE", "RewriteReport", "aot_attribute",
+           "plugin_form_for", "plugin_support", "register_plugins", "rewrite_file", "rewrite_int4_linears",
+           "triton_problem"]
 
 NOT_INSTALLED = "TensorRT is not installed"
 MIN_TRITON = (3, 0)
