@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -127,9 +128,13 @@ def test_build_engine_cli_and_errors(models, tmp_path):
     ckpt = _save(models["4-4-8"], tmp_path / "q.safetensors")
     out = tmp_path / "x.qdtorch"
     runner = CliRunner()
-    res = runner.invoke(cli, ["build-engine", str(ckpt), "-o", str(out), "--backend", "torch", "--bits", "4"])
+    res = runner.invoke(cli, ["build-engine", str(ckpt), "-o", str(out), "--backend", "torch", "--bits",
+                              "4-4-8"])
     assert res.exit_code == 0, res.output
-    assert f"wrote {out}" in res.output
+    summary, wrote = res.output.strip().splitlines()
+    assert wrote == f"wrote {out}"
+    assert re.fullmatch(r"int4 kernels: (\d+) of (\d+) quantized layers; float fake-quant: 1 with 8-bit "
+                        r"weights \(the kernels hold int4\) \(e\.g\. backbone\.0\.body\.conv1\)", summary)
     engine = open_engine(out)
     assert engine.static_batch == 1 and engine.metadata["input_size"] == [H, W]
     x = _images(1)

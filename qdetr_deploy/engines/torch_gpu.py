@@ -24,8 +24,8 @@ from qdetr_deploy.deploy_format import read_qdtorch_metadata
 from qdetr_deploy.engines.base import Engine, InputSpec
 from qdetr_deploy.errors import QDetrError
 
-__all__ = ["TorchGpuEngine", "check_device", "current_device_info", "describe_device", "load_engine",
-           "read_engine_metadata"]
+__all__ = ["TorchGpuEngine", "check_device", "current_device_info", "describe_device", "kernel_summary",
+           "load_engine", "read_engine_metadata"]
 WARMUP_CALLS = 3
 
 
@@ -166,7 +166,22 @@ class TorchGpuEngine(Engine):
         return int(self.torch.cuda.max_memory_allocated())
 
 
+def kernel_summary(meta: dict) -> str:
+    """One line: how many quantized layers run the int4 kernels, and what the others lack (grouped by
+    reason, with a count and the first layer of each), from the metadata's ``engine``."""
+    eng = meta.get("engine") or {}
+    fake: dict[str, str] = eng.get("fake_quant_layers") or {}
+    n_int = int(eng.get("int_layers") or 0)
+    line = f"int4 kernels: {n_int} of {n_int + len(fake)} quantized layers"
+    if not fake:
+        return line
+    groups: dict[str, list[str]] = {}
+    for name, reason in fake.items():
+        groups.setdefault(reason, []).append(name)
+    parts = [f"{len(names)} with {reason} (e.g. {names[0]})" for reason, names in groups.items()]
+    return f"{line}; float fake-quant: " + "; ".join(parts)
+
+
 def load_engine(path: str | os.PathLike, **opts: Any) -> TorchGpuEngine:
     """``open_engine``'s entry point for ``.qdtorch`` files."""
     return TorchGpuEngine.load(path, **opts)
-

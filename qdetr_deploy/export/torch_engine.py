@@ -51,12 +51,16 @@ from qdetr_deploy.deploy_format import (
     sha256_file,
 )
 from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.export.torch_engine_smca import SMCAEngineModule
 from qdetr_deploy.io import atomic_path, check_output_path
 from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.models.backbone import FrozenBatchNorm2d, batchnorm_affine, output_size
 from qdetr_deploy.models.postprocess import postprocess
+from qdetr_deploy.models.smca_detr import SMCADETR
+from qdetr_deploy.quant.align import DistributionAlignment
 from qdetr_deploy.quant.api import is_quantized
-from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
+from qdetr_deploy.quant.config import QuantConfig
+from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention, WeightQuantLinear
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
 SUFFIX = ".qdtorch"
@@ -86,7 +90,7 @@ def act_spec(act: ActQuantizer) -> ActSpec | str:
     """The kernel form of ``act``, or the reason (a string) why the integer kernels cannot take it."""
     p = act.qparams()
     if p.channel_dim is not None:
-        return "per-channel activation steps (the kernels take one step per tensor)"
+        return "per-channel activation steps and zero points (the kernels take one of each per tensor)"
     shift = -128 if p.qmax > 127 else 0  # unsigned 8-bit codes 0..255 are stored as -128..127
     z = int(p.zero_point.reshape(-1)[0]) + shift
     if not -128 <= z <= 127:
@@ -97,7 +101,8 @@ def act_spec(act: ActQuantizer) -> ActSpec | str:
 # --- engine modules ------------------------------------------------------------------------------------
 
 class FakeQuantAct(nn.Module):
-    """A frozen ActQuantizer: ``(clamp(round(x / a) + z, qmin, qmax) - z) * a`` in float32, cast back."""
+    """A frozen ActQuantizer: ``(clamp(round(x / a) + z, qmin, qmax) - z) * a`` in float32, cast back
+    (codes ``round(clamp(x / a + z, qmin, qmax))`` when it rounds after the shift: released SMCA-DETR)."""
 
     def __init__(self, act: ActQuantizer) -> None:
         super().__init__()
@@ -105,14 +110,18 @@ class FakeQuantAct(nn.Module):
         self.register_buffer("step", p.step.detach().float().reshape(-1).clone())
         self.register_buffer("zero_point", p.zero_point.detach().float().reshape(-1).clone())
         self.qmin, self.qmax, self.channel_dim = p.qmin, p.qmax, p.channel_dim
+        self.round_after_shift = bool(act.round_after_shift)
 
     def forward(self, x: Tensor) -> Tensor:
-        step, z = self.step.reshape(()), self.zero_point.reshape(())
-        if self.channel_dim is not None:
+        shape: list[int] = []  # per tensor: scalars
+        if self.channel_dim is not None:  # per channel: broadcast along channel_dim
             shape = [1] * x.dim()
             shape[self.channel_dim] = -1
-            step, z = self.step.reshape(shape), self.zero_point.reshape(shape)
-        q = torch.clamp(torch.round(x.float() / step) + z, self.qmin, self.qmax)
+        step, z = self.step.reshape(shape), self.zero_point.reshape(shape)
+        if self.round_after_shift:
+            q = torch.round(torch.clamp(x.float() / step + z, self.qmin, self.qmax))
+        else:
+            q = torch.clamp(torch.round(x.float() / step) + z, self.qmin, self.qmax)
         return ((q - z) * step).to(x.dtype)
 
 
@@ -281,6 +290,16 @@ def _convert_linear(lin: QuantLinear, name: str, bits: int, conv: Conversion) ->
     return FakeQuantLayer(FakeQuantAct(lin.act), _float_twin(lin, _fake_quant_weight(lin), lin.bias))
 
 
+WEIGHT_ONLY_REASON = "float input (the kernels take integer activation codes; no weight-only int4 GEMM)"
+
+
+def _convert_weight_only(lin: WeightQuantLinear, name: str, conv: Conversion) -> nn.Module:
+    """A weight-quantized linear with a float input (SMCA self-attention ``in_proj`` / ``out_proj``): a float
+    linear on its fake-quant weight, as the model computes it."""
+    conv.fake_quant[name] = WEIGHT_ONLY_REASON
+    return _float_twin(lin, _fake_quant_weight(lin), lin.bias)
+
+
 def _convert_attention(mha: QuantMultiheadAttention, name: str, bits: int, conv: Conversion) -> IntAttention:
     codes, step, _ = mha.weight_qparams()
     w_hat, e = _fake_quant_weight(mha), mha.embed_dim
@@ -329,7 +348,7 @@ def convert_model(model: nn.Module, bits: int = 4) -> Conversion:
         if isinstance(act, ActQuantizer) and not act.initialised:
             raise QDetrError(f"activation quantizer {name} was never calibrated: calibrate the model first")
     conv = Conversion([], {})
-    for kind in (QuantMultiheadAttention, QuantConv2d, QuantLinear):
+    for kind in (QuantMultiheadAttention, QuantConv2d, QuantLinear, WeightQuantLinear):
         for name, module in list(model.named_modules()):
             if type(module) is not kind:
                 continue
@@ -339,12 +358,25 @@ def convert_model(model: nn.Module, bits: int = 4) -> Conversion:
                 _convert_conv(parent, child, name, bits, conv)
             elif kind is QuantLinear:
                 parent._modules[child] = _convert_linear(module, name, bits, conv)
+            elif kind is WeightQuantLinear:
+                parent._modules[child] = _convert_weight_only(module, name, conv)
             else:
                 parent._modules[child] = _convert_attention(module, name, bits, conv)
-    for module in model.modules():  # output quantizers (QuantConfig.residual_bits) left in place: frozen
-        if isinstance(getattr(module, "out_act", None), ActQuantizer):
-            module.out_act = FakeQuantAct(module.out_act)
+    _freeze_remaining(model)
     return conv
+
+
+def _freeze_remaining(model: nn.Module) -> None:
+    """Quantizers left in place (residual ``out_act``, SMCA attention's q/k/v/softmax): frozen, as
+    torch.export cannot trace a live one; DA left in place (SMCA ``norm_q``): float32 in any engine dtype."""
+    for module in list(model.modules()):
+        if isinstance(module, Float32):
+            continue
+        for child, sub in list(module._modules.items()):
+            if isinstance(sub, ActQuantizer):
+                module._modules[child] = FakeQuantAct(sub)
+            elif isinstance(sub, DistributionAlignment):
+                module._modules[child] = Float32(sub)
 
 
 _KEEP_FLOAT32 = (_IntBase, FakeQuantAct, Float32)
@@ -405,11 +437,14 @@ class DetrEngineModule(nn.Module):
 
 def engine_module(model: nn.Module, size: tuple[int, int], device: torch.device, bits: int = 4,
                   with_postprocess: bool = True,
-                  dtype: torch.dtype | None = None) -> tuple[DetrEngineModule, Conversion]:
+                  dtype: torch.dtype | None = None) -> tuple[nn.Module, Conversion]:
     """Convert a quantized DETR (it is modified in place) and wrap it for ``device`` in ``dtype`` (default
     float16 on CUDA, float32 on CPU)."""
     model = model.cpu().float().eval().requires_grad_(False)
-    wrapper = DetrEngineModule(model, size, with_postprocess)  # position embedding from the float model
+    if isinstance(model, SMCADETR):  # the released Q-DETR: its own forward, sigmoid top-k
+        wrapper: nn.Module = SMCAEngineModule(model, size, with_postprocess)
+    else:
+        wrapper = DetrEngineModule(model, size, with_postprocess)  # position embedding from the float model
     conversion = convert_model(model, bits)
     cast_float_modules(wrapper, dtype or default_dtype(device))
     return wrapper.to(device).eval(), conversion
@@ -450,9 +485,11 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _load(source: str | os.PathLike | Checkpoint | nn.Module) -> tuple[nn.Module, Checkpoint | None, dict]:
+def _load(source: str | os.PathLike | Checkpoint | nn.Module, quant_config: QuantConfig | None = None
+          ) -> tuple[nn.Module, Checkpoint | None, dict]:
     """The model (a copy: conversion is in place), its checkpoint (when known) and an ONNX model's
-    metadata (when the source is one)."""
+    metadata (when the source is one). ``quant_config``: the bits of a released Q-DETR file (it stores
+    none; default for an ONNX model: the bits in its metadata)."""
     if isinstance(source, nn.Module):
         return copy.deepcopy(source), None, {}
     if isinstance(source, Checkpoint):
@@ -465,8 +502,31 @@ def _load(source: str | os.PathLike | Checkpoint | nn.Module) -> tuple[nn.Module
             raise QDetrError(f"the torch backend builds from the checkpoint; {src or 'no checkpoint'} "
                              "named in the ONNX metadata is missing: pass the quantized checkpoint", path)
         path = Path(src)
-    ckpt = load_checkpoint(path)
+        if quant_config is None:
+            quant_config = _bits_config(onnx_meta.get("bits"))
+    ckpt = load_checkpoint(path, quant_config=quant_config)
     return ckpt.model, ckpt, onnx_meta
+
+
+def _bits_config(bits: Any) -> QuantConfig | None:
+    """``QuantConfig`` of a "W-A-A" bits string (e.g. "4-4-8"), None for anything else ("fp32", 4)."""
+    if not isinstance(bits, str) or bits.count("-") != 2:
+        return None
+    try:
+        return QuantConfig.from_bits(bits)
+    except (ValueError, QDetrError) as e:
+        raise QDetrError(f"--bits {bits}: {e}") from None
+
+
+def _kernel_bits(bits: int | str) -> tuple[int, QuantConfig | None]:
+    """``bits`` = 4 (the int4 kernels) or W-A-8 with W <= 4 (also the bits of a released file)."""
+    qc = _bits_config(bits)
+    if qc is not None and qc.w_bits <= 4:
+        return 4, qc
+    if qc is None and str(bits).strip() == "4":
+        return 4, None
+    raise QDetrError(f"--bits {bits}: the torch engine runs 4-bit weight kernels; use --bits 4 (or the "
+                     "model's bits, e.g. --bits 4-4-8) (int8 engines: --backend onnxruntime or tensorrt)")
 
 
 def engine_metadata(model: nn.Module, ckpt: Checkpoint | None, size: tuple[int, int], batch: int | None,
@@ -487,12 +547,17 @@ def engine_metadata(model: nn.Module, ckpt: Checkpoint | None, size: tuple[int, 
 
 
 def build_torch_engine(ckpt_path_or_model: str | os.PathLike | Checkpoint | nn.Module,
-                       out_path: str | os.PathLike, bits: int = 4, image_size: tuple[int, int] | None = None,
+                       out_path: str | os.PathLike, bits: int | str = 4,
+                       image_size: tuple[int, int] | None = None,
                        batch: int | None = 1, device: str | torch.device | None = None,
                        max_batch: int = DEFAULT_MAX_BATCH, postprocess: bool = True,
                        strict: bool = False, dtype: str | torch.dtype | None = None) -> Path:
-    """Build a ``.qdtorch`` engine from a quantized checkpoint (path, Checkpoint, quantized DETR or a qdetr
-    ONNX model whose metadata names its checkpoint); written atomically, nothing written on error.
+    """Build a ``.qdtorch`` engine from a quantized checkpoint (path, Checkpoint, quantized DETR or
+    SMCA-DETR, or a qdetr ONNX model whose metadata names its checkpoint); written atomically, nothing
+    written on error.
+
+    ``bits``: 4 (int4 weight kernels), or the model's W-A-8 bits with W <= 4, which a released Q-DETR
+    file needs (it stores none: "4-4-8" or "2-2-8").
 
     ``batch=None``: dynamic batch 1..``max_batch``. ``device``: where it runs (default CUDA when available,
     else CPU; a CUDA engine only loads on the same GPU model). ``strict``: refuse layers that would stay
@@ -502,15 +567,13 @@ def build_torch_engine(ckpt_path_or_model: str | os.PathLike | Checkpoint | nn.M
     out_path = check_output_path(out_path)
     if out_path.suffix.lower() != SUFFIX:
         raise QDetrError(f"the torch engine needs the suffix {SUFFIX}", out_path)
-    if int(bits) != 4:
-        raise QDetrError(f"--bits {bits}: the torch engine runs 4-bit weight kernels; use --bits 4 (int8 "
-                         "engines: --backend onnxruntime or tensorrt)")
+    bits, quant_config = _kernel_bits(bits)
     if batch is not None and batch < 1 or max_batch < 1:
         raise QDetrError(f"batch must be >= 1, got {batch} (max batch {max_batch})")
     batch = 1 if batch is None and max_batch == 1 else batch
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
-    model, ckpt, onnx_meta = _load(ckpt_path_or_model)
+    model, ckpt, onnx_meta = _load(ckpt_path_or_model, quant_config)
     if not is_quantized(model):
         raise QDetrError("not a quantized model: the torch engine runs the 4-bit kernels of a quantized "
                          "checkpoint (quantize and calibrate it first)")
