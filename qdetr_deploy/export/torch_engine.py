@@ -15,12 +15,16 @@ This is the packing side; the runtime is ``qdetr_deploy.engines.torch_gpu``. Wha
   (:class:`FakeQuantLayer`): 8-bit weights (the stem), per-channel activation steps, zero points outside
   int8, conv geometry other than square kernel/stride/padding. Each such layer is listed, with the
   reason, in the metadata (``engine.fake_quant_layers``); ``strict=True`` refuses them instead.
-- q/k/v/softmax quantizers inside attention: float fake-quant (:class:`FakeQuantAct`), as the model; DA
-  runs in float32 (:class:`Float32`: its per-token variance would overflow float16).
+- Weight-quantized linears with float inputs (the released SMCA-DETR's self-attention ``in_proj`` /
+  ``out_proj``): float linears on their fake-quant weights (the kernels take integer activation codes).
+- q/k/v/softmax quantizers inside attention, and any quantizer left in a module: float fake-quant
+  (:class:`FakeQuantAct`), as the model; DA runs in float32 (:class:`Float32`: its per-token variance would
+  overflow float16).
 - Everything else is float: float16 on CUDA, float32 on CPU (steps and the GEMM epilogue stay float32).
 
 The model is wrapped to the ONNX contract (docs/ARCHITECTURE.md: ``images [B,3,H,W]`` -> ``scores``,
-``labels``, ``boxes`` in canvas pixels via ``models.postprocess``), exported with ``torch.export`` on the
+``labels``, ``boxes`` in canvas pixels via ``models.postprocess``; an SMCA-DETR by
+``export.torch_engine_smca``, sigmoid top-k), exported with ``torch.export`` on the
 device it will run on, and saved with ``torch.export.save`` with the metadata JSON as the extra file
 ``qdetr.json`` (the ONNX metadata plus ``engine``: device, GPU name, compute capability, dtype).
 """
