@@ -96,11 +96,11 @@ def test_released_engine_matches_fake_quant_on_cpu(checkpoint, images, engine_pa
     assert fake["transformer.encoder.layers.0.self_attn.in_proj"] == WEIGHT_ONLY_REASON
     line = kernel_summary(meta)
     assert line.startswith("int4 kernels: 0 of 48 quantized layers; float fake-quant: ") and "\n" not in line
-    got = engine.run(images)
-    assert set(got) == {"scores", "labels", "boxes"} and got["boxes"].shape == (2, 20, 4)
-    _compare(got, _detections(_model(checkpoint, "4-4-8"), images), "4-4-8 engine, batch 2")
-    one = engine.run(images[1:])  # dynamic batch: each image alone gives its row of the batch
-    _compare(one, {k: v[1:] for k, v in got.items()}, "4-4-8 engine, batch 1 vs its row of batch 2")
+    reference = _model(checkpoint, "4-4-8")
+    for n in (1, 2):  # each batch size against the model at that batch size: in float32 a batch of 1 and
+        got = engine.run(images[:n])  # of 2 may differ (ulps flip 4-bit codes; exact in float64)
+        assert set(got) == {"scores", "labels", "boxes"} and got["boxes"].shape == (n, 20, 4)
+        _compare(got, _detections(reference, images[:n]), f"4-4-8 engine, batch {n}")
 
 
 def test_converted_2bit_model_matches_fake_quant(checkpoint, images):
