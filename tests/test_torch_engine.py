@@ -142,6 +142,10 @@ def test_build_engine_cli_and_errors(models, tmp_path):
     res = runner.invoke(cli, ["build-engine", str(ckpt), "-o", str(tmp_path / "y.qdtorch"),
                               "--backend", "torch"])
     assert res.exit_code == 2 and "--bits 8" in res.output and len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(cli, ["build-engine", str(ckpt), "-o", str(tmp_path / "y.qdtorch"),
+                              "--backend", "torch", "--bits", "2-2-8"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "--bits 2-2-8 contradicts the checkpoint's 4-4-8" in res.output
     # an engine built for another device: exit 2 and one line
     other = tmp_path / "other.qdtorch"
     _with_device(out, other, {"type": "cuda", "name": "NVIDIA H200", "compute_capability": [9, 0]})

@@ -22,6 +22,7 @@ from qdetr_deploy.checkpoints import load_checkpoint
 from qdetr_deploy.cli import cli
 from qdetr_deploy.engines import open_engine
 from qdetr_deploy.engines.torch_gpu import kernel_summary
+from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.torch_engine import (
     WEIGHT_ONLY_REASON,
     FakeQuantAct,
@@ -131,6 +132,9 @@ def test_build_engine_cli_on_released_file(checkpoint, tmp_path):
     res = runner.invoke(cli, ["build-engine", str(checkpoint), "-o", str(tmp_path / "x.qdtorch"),
                               "--backend", "torch", "--bits", "four"])
     assert res.exit_code == 2 and "W-A-ATTN" in res.output
+    with pytest.raises(QDetrError, match="keeps its sigmoid top-k"):
+        build_torch_engine(checkpoint, tmp_path / "raw.qdtorch", "2-2-8", postprocess=False, device="cpu")
+    assert not (tmp_path / "raw.qdtorch").exists()
 
 
 @needs_cuda

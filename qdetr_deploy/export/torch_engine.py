@@ -446,7 +446,10 @@ def engine_module(model: nn.Module, size: tuple[int, int], device: torch.device,
     float16 on CUDA, float32 on CPU)."""
     model = model.cpu().float().eval().requires_grad_(False)
     if isinstance(model, SMCADETR):  # the released Q-DETR: its own forward, sigmoid top-k
-        wrapper: nn.Module = SMCAEngineModule(model, size, with_postprocess)
+        if not with_postprocess:
+            raise QDetrError("an SMCA-DETR engine keeps its sigmoid top-k post-processing (raw logits would "
+                             "be read as DETR's softmax classes)")
+        wrapper: nn.Module = SMCAEngineModule(model, size)
     else:
         wrapper = DetrEngineModule(model, size, with_postprocess)  # position embedding from the float model
     conversion = convert_model(model, bits)
@@ -578,6 +581,9 @@ def build_torch_engine(ckpt_path_or_model: str | os.PathLike | Checkpoint | nn.M
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     model, ckpt, onnx_meta = _load(ckpt_path_or_model, quant_config)
+    stored = getattr(model, "quant_config", None)
+    if quant_config is not None and stored is not None and stored.bits != quant_config.bits:
+        raise QDetrError(f"--bits {quant_config.bits} contradicts the checkpoint's {stored.bits}")
     if not is_quantized(model):
         raise QDetrError("not a quantized model: the torch engine runs the 4-bit kernels of a quantized "
                          "checkpoint (quantize and calibrate it first)")

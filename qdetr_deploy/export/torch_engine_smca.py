@@ -18,19 +18,17 @@ from qdetr_deploy.models.smca_detr import SMCADETR
 
 class SMCAEngineModule(nn.Module):
     """``images [B,3,H,W]`` float32 -> ``(scores [B,k], labels [B,k], boxes [B,k,4])`` (canvas pixels, score
-    descending) or ``(pred_logits [B,Q,C+1], pred_boxes [B,Q,4])``."""
+    descending). Always post-processed: raw ``pred_logits`` would be read with DETR's softmax rule by
+    ``bench.preprocess``, which the metadata cannot tell apart."""
 
-    def __init__(self, model: SMCADETR, size: tuple[int, int], with_postprocess: bool = True) -> None:
+    def __init__(self, model: SMCADETR, size: tuple[int, int]) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("canvas", torch.tensor([[int(size[0]), int(size[1])]]))  # int64
-        self.with_postprocess = with_postprocess
 
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = images.to(self.model.query_embed.weight.dtype)  # float16 on CUDA engines
         out = self.model(x)  # no mask: unpadded size = canvas
-        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        if not self.with_postprocess:
-            return logits, boxes
+        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()  # [B,Q,C+1], [B,Q,4]
         scores, labels, boxes, _ = sigmoid_topk(logits, boxes, self.canvas.expand(x.shape[0], 2))
         return scores, labels, boxes
