@@ -2,7 +2,8 @@
 
 procedural shapes set -> full-precision teacher (``train``) -> 4-4-8 student (``quantize``) -> Q-DETR
 distillation with DA + FQM (``distill``) -> ONNX exports with ``--check`` -> engines (ONNX Runtime; the GPU
-engine too when CUDA is there) -> ``bench`` of both -> one table.
+engine too when CUDA is there) -> ``bench`` of both -> one table, and a picture of the 4-bit engine's
+detections on a validation image (``predict``) beside the report.
 
 Each stage writes into ``workdir`` and leaves a ``<stage>.done.json`` marker; a re-run reuses finished stages
 (dataset, checkpoints, exports) unless ``fresh``.
@@ -91,7 +92,9 @@ def run_demo(workdir: str | os.PathLike = "qdetr_demo", quick: bool = False, fre
     exports = _stage(workdir, "export", say, lambda: _export(teacher, student, data, workdir, s))
     engines = _stage(workdir, "engines", say, lambda: _engines(exports, student, workdir, s))
     bench = _stage(workdir, "bench", say, lambda: _bench(exports, engines, data, workdir, s))
+    picture = _stage(workdir, "predict", say, lambda: _predict(engines, data, workdir))
     summary = _summary(teacher, student, exports, engines, bench, workdir, s)
+    summary["picture"] = picture["picture"]
     write_json(workdir / "summary.json", summary)
     return summary
 
@@ -167,6 +170,18 @@ def _bench(exports: dict, engines: dict, data: dict, workdir: Path, s: DemoSetti
     return {"report_dir": str(workdir / "report"), "engines": result["engines"]}
 
 
+def _predict(engines: dict, data: dict, workdir: Path) -> dict:
+    """The 4-bit engine's detections drawn on the first validation image, in ``report/predict/``."""
+    from qdetr_deploy.bench.cocoeval import load_coco_gt
+    from qdetr_deploy.predict import predict
+
+    first = load_coco_gt(data["val_ann"]).dataset["images"][0]["file_name"]
+    result = predict(engines["student_ort"], [Path(data["val_images"]) / first],
+                     workdir / "report" / "predict", score_threshold=0.5, progress=False)
+    return {"picture": result["pictures"][0], "detections": result["detections"],
+            "num_detections": result["num_detections"]}
+
+
 def _summary(teacher, student, exports, engines, bench, workdir: Path, s: DemoSettings) -> dict:
     from qdetr_deploy.checkpoints import load_checkpoint
     from qdetr_deploy.quant.accounting import inspect_model
@@ -203,4 +218,6 @@ def format_table(summary: dict) -> str:
             line += (f"; per layer: max box diff {e['layer_max_box_diff']:.1e}, max prob diff "
                      f"{e['layer_max_prob_diff']:.1e}, {100 * e['layer_code_agreement']:.4f}% of codes equal")
         lines.append(line)
+    if summary.get("picture"):
+        lines.append(f"the 4-bit engine's detections on a validation image: {summary['picture']}")
     return "\n".join(lines)

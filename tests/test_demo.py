@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from PIL import Image
 
 from qdetr_deploy.cli import cli
 
@@ -21,7 +22,9 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path: Path) -> None:
     for name in ("teacher", "student"):
         assert summary["exports"][name]["check_passed"], summary["exports"][name]
     for artefact in ("teacher.onnx", "student.onnx", "student.ortengine", "report/bench.md",
-                     "report/latency.png", "report/ap_vs_latency.png"):
+                     "report/latency.png", "report/ap_vs_latency.png", "report/predict/detections.json"):
         assert (workdir / artefact).is_file(), artefact
+    with Image.open(summary["picture"]) as picture:  # the 4-bit engine's detections, drawn
+        assert picture.format == "PNG" and Path(summary["picture"]).parent == workdir / "report" / "predict"
     again = CliRunner().invoke(cli, ["demo", "--quick", "--workdir", str(workdir)])
     assert again.exit_code == 0 and "[teacher] reusing" in again.output, again.output

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import read_json
+
+log = logging.getLogger(__name__)
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
@@ -60,7 +63,8 @@ def load_coco_gt(ann_file: str | os.PathLike) -> Any:
     return gt
 
 
-def _check_detections(dets: Any, gt: Any, where: str | os.PathLike) -> list[dict]:
+def _check_detections(dets: Any, gt: Any, where: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """Validated detections: (those to evaluate, those ignored for a category the annotations lack)."""
     if not isinstance(dets, list):
         raise QDetrError("malformed detections: expected a JSON list of COCO results", where)
     try:
@@ -72,13 +76,21 @@ def _check_detections(dets: Any, gt: Any, where: str | os.PathLike) -> list[dict
                 int(d["category_id"])
     except (KeyError, TypeError, ValueError) as e:
         raise QDetrError(f"malformed detections ({type(e).__name__}: {e})", where) from None
-    for key, known, what in (("image_id", set(gt.getImgIds()), "image"),
-                             ("category_id", set(gt.getCatIds()), "category")):
-        unknown = sorted({d[key] for d in dets} - known)
-        if unknown:
-            raise QDetrError(f"detections name {len(unknown)} {what} id(s) not in the annotations "
-                             f"(e.g. {unknown[0]})", where)
-    return dets
+    unknown = sorted({d["image_id"] for d in dets} - set(gt.getImgIds()))
+    if unknown:
+        raise QDetrError(f"detections name {len(unknown)} image id(s) not in the annotations "
+                         f"(e.g. {unknown[0]})", where)
+    cats = set(gt.getCatIds())
+    return [d for d in dets if d["category_id"] in cats], [d for d in dets if d["category_id"] not in cats]
+
+
+def _warn_ignored(ignored: list[dict], where: str | os.PathLike) -> list[int]:
+    """One warning line for the detections of unknown categories; returns those category ids."""
+    ids = sorted({d["category_id"] for d in ignored})
+    if ids:
+        log.warning("%s: %d detection(s) name %d category id(s) not in the annotations (e.g. %d): ignored, "
+                    "as pycocotools does", os.fspath(where), len(ignored), len(ids), ids[0])
+    return ids
 
 
 def _load_results(gt: Any, dets: list[dict]) -> Any:
@@ -108,17 +120,20 @@ def _per_class(ev: Any, gt: Any) -> dict[str, float | None]:
 
 
 def evaluate_coco(ann_file: str | os.PathLike, detections: str | os.PathLike | list[dict],
-                  image_ids: list[int] | None = None) -> dict:
+                  image_ids: list[int] | None = None, name: str | None = None) -> dict:
     """COCO bbox evaluation of ``detections`` (path or list of result dicts) against ``ann_file``;
-    ``image_ids`` restricts it to those images (e.g. a subset that was run).
-    Returns ``{"stats": [12 floats], "names": [...], "per_class": {name: AP}, "num_detections": n}``."""
+    ``image_ids`` restricts it to those images (e.g. a subset that was run); ``name`` (e.g. the engine)
+    names a list of detections in messages. Returns ``{"stats": [12 floats], "names": [...],
+    "per_class": {name: AP}, "num_detections": n, "ignored_detections": m, "ignored_category_ids": [...]}``
+    (``num_detections`` counts the evaluated ones; the ``m`` ignored name categories the annotations lack)."""
     from pycocotools.cocoeval import COCOeval
 
     gt = load_coco_gt(ann_file)
-    where = detections if isinstance(detections, (str, os.PathLike)) else "detections"
+    where = detections if isinstance(detections, (str, os.PathLike)) else (name or "detections")
     dets = read_json(detections) if isinstance(detections, (str, os.PathLike)) else \
         [dict(d) for d in detections]
-    dets = _check_detections(dets, gt, where)
+    dets, ignored = _check_detections(dets, gt, where)
+    ignored_ids = _warn_ignored(ignored, where)
     ev = COCOeval(gt, _load_results(gt, dets), "bbox")
     if image_ids is not None:
         unknown = sorted(set(image_ids) - set(gt.getImgIds()))
@@ -131,4 +146,5 @@ def evaluate_coco(ann_file: str | os.PathLike, detections: str | os.PathLike | l
         ev.summarize()
     return {"stats": [float(s) for s in ev.stats], "names": list(STAT_NAMES),
             "per_class": _per_class(ev, gt), "num_detections": len(dets),
+            "ignored_detections": len(ignored), "ignored_category_ids": ignored_ids,
             "num_images": len(ev.params.imgIds), "ann_file": str(Path(ann_file))}

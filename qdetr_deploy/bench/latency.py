@@ -109,3 +109,75 @@ def time_engine(engine: Any, images: np.ndarray, warmup: int = 10, iters: int = 
     """Engine-only latency statistics of one engine on one prepared batch."""
     times = interleaved({"engine": lambda _i: engine.run(images)}, warmup, iters)["engine"]
     return latency_stats(times, images.shape[0])
+
+
+# --- other processes on the machine ----------------------------------------------------------------------
+
+#: average number of CPUs other processes may keep busy while we time before bench warns
+OTHER_LOAD_LIMIT = 0.25
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``, Linux), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()  # children: the bench worker processes this one waited for
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+class MachineLoad:
+    """How busy other processes kept the CPUs while a block ran (``with MachineLoad() as load: ...``).
+
+    On Linux: busy CPU time of the whole machine (``/proc/stat``) minus this process's and its waited-for
+    children's (``os.times``), over the wall time: ``other_cpus`` is the average number of CPUs others kept
+    busy. Elsewhere only the 1-minute load average before and after (it includes our own threads)."""
+
+    def __enter__(self) -> MachineLoad:
+        self.cpus = os.cpu_count() or 1
+        self.loadavg_before = _loadavg()
+        self._t0, self._busy0, self._own0 = time.perf_counter(), _busy_seconds(), _own_seconds()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall = time.perf_counter() - self._t0
+        busy = _busy_seconds()
+        self.loadavg_after = _loadavg()
+        self.other_cpus = None
+        if busy is not None and self._busy0 is not None and wall > 0:
+            other = (busy - self._busy0) - (_own_seconds() - self._own0)
+            self.other_cpus = max(0.0, other / wall)
+
+    def as_dict(self) -> dict:
+        return {"cpus": self.cpus, "other_cpus": self.other_cpus, "loadavg_before": self.loadavg_before,
+                "loadavg_after": self.loadavg_after}
+
+    def warning(self, limit: float = OTHER_LOAD_LIMIT) -> str | None:
+        """One line when others loaded the machine (more than ``limit`` of its CPUs on average), else None."""
+        before, after = self.loadavg_before, self.loadavg_after
+        loads = "" if before is None or after is None else \
+            f" (1-minute load average {before:.1f} before, {after:.1f} after)"
+        if self.other_cpus is not None:
+            if self.other_cpus <= limit * self.cpus:
+                return None
+            return (f"other processes kept {self.other_cpus:.1f} of {self.cpus} CPUs busy while bench timed"
+                    f"{loads}: the latencies are likely inflated")
+        if before is not None and after is not None and min(before, after) > self.cpus:
+            return f"the machine was loaded while bench timed{loads} on {self.cpus} CPUs: the latencies " \
+                   "are likely inflated"
+        return None

@@ -64,25 +64,47 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def postprocess_logits(pred_logits: np.ndarray, pred_boxes: np.ndarray,
-                       input_size: tuple[int, int] | list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """numpy twin of ``models/postprocess.py``: softmax, drop no-object, max over classes, cxcywh -> xyxy
-    in canvas pixels. Returns scores [B,Q], labels [B,Q] int64, boxes [B,Q,4]."""
-    prob = _softmax(pred_logits.astype(np.float64))[..., :-1]
-    scores, labels = prob.max(axis=-1), prob.argmax(axis=-1)
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+
+
+def _xyxy_pixels(pred_boxes: np.ndarray, input_size: tuple[int, int] | list[int]) -> np.ndarray:
     cx, cy, w, h = np.moveaxis(pred_boxes.astype(np.float64), -1, 0)
     xyxy = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
     H, W = input_size
-    xyxy = xyxy * np.array([W, H, W, H], np.float64)
+    return xyxy * np.array([W, H, W, H], np.float64)
+
+
+def postprocess_logits(pred_logits: np.ndarray, pred_boxes: np.ndarray,
+                       input_size: tuple[int, int] | list[int], scoring: str = "softmax",
+                       topk: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy twin of the models' post-processing, cxcywh -> xyxy in canvas pixels. ``scoring``:
+    "softmax" (DETR, ``models/postprocess.py``): softmax, drop the last (no-object) column, max over
+    classes, one detection per query, scores/labels/boxes [B,Q]; "sigmoid" (SMCA/Deformable DETR): a
+    sigmoid per class and the ``topk`` highest (query, class) pairs, [B,topk]."""
+    if scoring == "softmax":
+        prob = _softmax(pred_logits.astype(np.float64))[..., :-1]
+        scores, labels = prob.max(axis=-1), prob.argmax(axis=-1)
+        xyxy = _xyxy_pixels(pred_boxes, input_size)
+    elif scoring == "sigmoid":
+        B, Q, C = pred_logits.shape
+        prob = _sigmoid(pred_logits.astype(np.float64)).reshape(B, Q * C)
+        order = np.argsort(-prob, axis=1, kind="stable")[:, : min(topk, Q * C)]  # [B,k]
+        scores, labels = np.take_along_axis(prob, order, 1), order % C
+        xyxy = np.take_along_axis(_xyxy_pixels(pred_boxes, input_size), (order // C)[..., None], 1)
+    else:
+        raise QDetrError(f"unknown scoring {scoring!r} in the model's metadata: use softmax or sigmoid")
     return scores.astype(np.float32), labels.astype(np.int64), xyxy.astype(np.float32)
 
 
 def outputs_to_detections(outputs: dict[str, np.ndarray], metadata: dict) -> tuple[np.ndarray, ...]:
-    """scores, labels, boxes (xyxy, canvas pixels) from either output convention of the contract."""
+    """scores, labels, boxes (xyxy, canvas pixels) from either output convention of the contract; raw
+    logits are scored as the metadata says (``scoring``, default "softmax")."""
     if {"scores", "labels", "boxes"} <= outputs.keys():
         return outputs["scores"], outputs["labels"].astype(np.int64), outputs["boxes"]
     if {"pred_logits", "pred_boxes"} <= outputs.keys():
-        return postprocess_logits(outputs["pred_logits"], outputs["pred_boxes"], metadata["input_size"])
+        return postprocess_logits(outputs["pred_logits"], outputs["pred_boxes"], metadata["input_size"],
+                                  metadata.get("scoring", "softmax"))
     raise QDetrError(f"engine outputs {sorted(outputs)} are neither scores/labels/boxes nor "
                      "pred_logits/pred_boxes")
 

@@ -49,6 +49,7 @@ def markdown_report(result: dict) -> str:
     head = ["", *[r["name"] for r in rows]]
     info = [["backend"] + [r["backend"] for r in rows], ["device"] + [r["device"] for r in rows],
             ["bits"] + [str(r.get("bits")) for r in rows],
+            ["graph (from its ops)"] + [(r.get("graph") or {}).get("label", "-") for r in rows],
             ["input"] + ["x".join(str(d) for d in r["input_spec"]["shape"]) for r in rows],
             ["run batch"] + [str(r["run_batch"]) for r in rows]]
     rss = [f"{_fmt(r['memory']['host_rss_mb'], '.0f')} / {_fmt(r['memory']['host_peak_rss_mb'], '.0f')}"
@@ -62,16 +63,43 @@ def markdown_report(result: dict) -> str:
              f"images: {cfg['num_images'] or 'random input'}. "
              "Ratios are latency relative to the first engine (x0.50 = half its latency).", ""]
     lines += _table(head, info + _latency_rows(rows) + mem)
-    if any(r.get("coco") for r in rows):
+    lines += _load_line(cfg.get("machine_load"))
+    coco = [r for r in rows if r.get("coco")]
+    if coco:
         lines += ["", "## COCO bbox", ""]
-        stats = [[name] + [_fmt(r["coco"]["stats"][i], ".4f") for r in rows]
+        stats = [[name] + [_fmt(((r.get("coco") or {}).get("stats") or [None] * 12)[i], ".4f") for r in rows]
                  for i, name in enumerate(STAT_NAMES)]
         lines += _table(head, stats)
         lines += ["", "## Per-class AP (IoU .50:.95)", ""]
-        classes = list(rows[0]["coco"]["per_class"])
+        classes = list(coco[0]["coco"]["per_class"])
         lines += _table(["class", *head[1:]],
-                        [[c] + [_fmt(r["coco"]["per_class"].get(c), ".3f") for r in rows] for c in classes])
+                        [[c] + [_fmt((r.get("coco") or {}).get("per_class", {}).get(c), ".3f") for r in rows]
+                         for c in classes])
+    notes = _notes(rows)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _load_line(load: dict | None) -> list[str]:
+    if not load or not load.get("warning"):
+        return []
+    return ["", f"Warning: {load['warning']}."]
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    """Per engine: what bench assumed, detections it ignored, evaluations that failed."""
+    out = []
+    for r in rows:
+        out += [f"{r['name']}: {n}" for n in r.get("notes", [])]
+        c = r.get("coco") or {}
+        if c.get("ignored_detections"):
+            ids = c["ignored_category_ids"]
+            out.append(f"{r['name']}: {c['ignored_detections']} detection(s) name {len(ids)} category id(s) "
+                       f"not in the annotations (e.g. {ids[0]}): ignored, as pycocotools does")
+        if r.get("coco_error"):
+            out.append(r["coco_error"])
+    return out
 
 
 def _savefig(fig, path: Path) -> Path:
@@ -110,7 +138,7 @@ def plot_ap_vs_latency(result: dict, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in result["engines"]:
+    for r in (r for r in result["engines"] if r.get("coco")):
         x, y = r["engine_latency"]["p50_ms"], r["coco"]["stats"][0]
         ax.scatter([x], [y])
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -2,12 +2,14 @@
 
 Each command lives in its own module under this package and is a thin wrapper over one library function.
 User mistakes (:class:`~qdetr_deploy.errors.QDetrError`) become one line on stderr and exit code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Library warnings (``logging``, logger ``qdetr_deploy.*``) are
+one line each on stderr, ``warning: ...``.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Any
 
@@ -73,6 +75,23 @@ class _Group(LazyGroup):
             sys.exit(130)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes ``warning: <message>`` to the current ``sys.stderr`` (looked up at each record, so a
+    redirected stderr, e.g. Click's test runner, receives it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}\n")
+        sys.stderr.flush()
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("qdetr_deploy")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler(logging.WARNING)
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 # command name -> module under qdetr_deploy.cli; modules are imported only when their command runs (or for
 # the group's --help), so `bench` of an ONNX Runtime engine never imports torch.
 LAZY_COMMANDS = {
@@ -84,6 +103,7 @@ LAZY_COMMANDS = {
     "export": "export",
     "inspect": "inspect_cmd",
     "make-dataset": "make_dataset",
+    "predict": "predict",
     "quantize": "quantize",
     "train": "train",
 }
@@ -98,6 +118,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Quantized detection transformers (Q-DETR): distill, export, build engines, benchmark."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _setup_logging()
 
 
 def main() -> None:

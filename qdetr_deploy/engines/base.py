@@ -91,6 +91,11 @@ class Engine(abc.ABC):
         """Peak device memory in bytes, where the backend can tell; None otherwise."""
         return None
 
+    def graph_summary(self) -> dict | None:
+        """What the engine's graph contains (``onnx_graph.graph_precision``: label, quantization ops,
+        integer weights), where the backend can read its graph; None otherwise."""
+        return None
+
     def check_input(self, images: np.ndarray) -> np.ndarray:
         """Validate shape and batch; return a contiguous float32 array."""
         images = np.asarray(images)

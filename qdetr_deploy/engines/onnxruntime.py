@@ -25,6 +25,7 @@ from qdetr_deploy.engines.base import (
     Engine,
     InputSpec,
 )
+from qdetr_deploy.engines.onnx_graph import foreign_metadata, graph_precision
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.io import atomic_path, read_json, write_json
 
@@ -123,13 +124,20 @@ class OrtEngine(Engine):
         self._metadata = metadata
         self.build = build
         inp = session.get_inputs()[0]
-        self._spec = InputSpec(inp.name, inp.shape, DTYPES.get(inp.type, inp.type))
+        shape = list(inp.shape)
+        if len(shape) == 4:  # a dynamic height and width take the metadata's size (--input-size)
+            shape[2:] = [d if isinstance(d, int) and d > 0 else int(s)
+                         for d, s in zip(shape[2:], metadata["input_size"])]
+        self._spec = InputSpec(inp.name, shape, DTYPES.get(inp.type, inp.type))
         self.output_names = [o.name for o in session.get_outputs()]
 
     @classmethod
     def load(cls, path: str | os.PathLike, provider: str | None = None, threads: int | None = None,
-             opt_level: str | None = None, **_: Any) -> OrtEngine:
-        """Open ``path``; provider/threads/level default to the engine's build info, else cpu/auto/all."""
+             opt_level: str | None = None, input_size: tuple[int, int] | None = None,
+             **_: Any) -> OrtEngine:
+        """Open ``path``; provider/threads/level default to the engine's build info, else cpu/auto/all.
+        A file without ``qdetr`` metadata (not written by qdetr-deploy) is opened as a DETR-style model:
+        its input size read from the graph, else ``input_size`` (``engines/onnx_graph.py``)."""
         path = Path(path)
         if not path.is_file():
             raise QDetrError("file not found" if not path.exists() else "not a file", path)
@@ -139,7 +147,11 @@ class OrtEngine(Engine):
         so = session_options(threads, opt_level or build.get("run_opt_level", "all"))
         session = _session(path, so, providers_for(provider))
         meta_map = session.get_modelmeta().custom_metadata_map
-        metadata = parse_metadata(meta_map.get(METADATA_KEY), path)
+        if METADATA_KEY in meta_map:
+            metadata = parse_metadata(meta_map[METADATA_KEY], path)
+            _check_size(metadata, input_size, path)
+        else:
+            metadata = foreign_metadata(session.get_inputs(), session.get_outputs(), path, input_size)
         if not build and BUILD_KEY in meta_map:
             build = json.loads(meta_map[BUILD_KEY])
         if len(session.get_inputs()) != 1:
@@ -166,12 +178,28 @@ class OrtEngine(Engine):
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
+    def graph_summary(self) -> dict | None:
+        """The precision of the graph, read from its ops and initializers (``onnx_graph.graph_precision``)."""
+        import onnx
+
+        try:
+            return graph_precision(onnx.load(str(self.path), load_external_data=False))
+        except Exception:  # the session loaded it, so this is unexpected: the metadata stands alone then
+            return None
+
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         try:
             outs = self.session.run(self.output_names, {self._spec.name: images})
         except Exception as e:  # onnxruntime's pybind errors
             raise QDetrError(f"onnxruntime failed to run: {_short(e)}", self.path) from None
         return dict(zip(self.output_names, outs))
+
+
+def _check_size(metadata: dict, input_size: tuple[int, int] | None, path: Path) -> None:
+    if input_size is not None and [int(v) for v in input_size] != [int(v) for v in metadata["input_size"]]:
+        H, W = metadata["input_size"]
+        raise QDetrError(f"the model takes {H}x{W} images (its metadata): leave --input-size out or use "
+                         f"{H} {W}", path)
 
 
 def _op_counts(model: Any) -> dict[str, int]:
