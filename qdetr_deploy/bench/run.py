@@ -225,7 +225,7 @@ def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike 
         for note in row.get("notes", []):
             log.warning("%s: %s", row["name"], note)
     if items is not None:
-        _evaluate(result, detections, str(ann_file), [i for i, _ in items])
+        evaluate_engines(result, detections, str(ann_file), [i for i, _ in items])
     if report_dir is not None:
         from qdetr_deploy.bench.report import write_reports
 
@@ -233,7 +233,7 @@ def bench_engines(paths: list[str | os.PathLike], images_dir: str | os.PathLike 
     return result
 
 
-def _evaluate(result: dict, detections: dict[str, list], ann_file: str, image_ids: list[int]) -> None:
+def evaluate_engines(result: dict, detections: dict[str, list], ann_file: str, image_ids: list[int]) -> None:
     """COCO evaluation of each engine's detections into its row; a failure is that row's ``coco_error``
     and a line of ``result["errors"]`` (the latency figures stay)."""
     result["errors"] = []

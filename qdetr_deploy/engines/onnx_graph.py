@@ -20,9 +20,12 @@ from qdetr_deploy.errors import QDetrError
 #: quantized-arithmetic ops (any domain); every op whose name starts with "QLinear" counts too
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
              "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QGemm", "QAttention"}
-# op type -> input positions that hold an integer weight when they are initializers
+# op type -> input positions that hold an integer weight when they are initializers (DequantizeLinear: when
+# it feeds a layer below, not e.g. a quantized Add constant)
 _WEIGHT_INPUTS = {"DequantizeLinear": (0,), "QLinearConv": (3,), "QLinearMatMul": (0, 3), "QGemm": (3,),
                   "MatMulInteger": (0, 1), "ConvInteger": (0, 1)}
+_LAYERS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
+_PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
 _BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int32": 32}
 DETR_OUTPUTS = ({"scores", "labels", "boxes"}, {"pred_logits", "pred_boxes"})
 
@@ -56,6 +59,16 @@ def _activation_type(node: Any, inits: dict[str, Any]) -> str:
     return "uint8"
 
 
+def _feeds_layer(name: str, consumers: dict[str, list], hops: int = 3) -> bool:
+    """Whether tensor ``name`` reaches a Conv/MatMul/Gemm input, through at most ``hops`` reshaping ops."""
+    for node in consumers.get(name, []):
+        if node.op_type in _LAYERS:
+            return True
+        if hops and node.op_type in _PASS_THROUGH and _feeds_layer(node.output[0], consumers, hops - 1):
+            return True
+    return False
+
+
 def graph_precision(model: Any) -> dict:
     """``{"label", "ops": {op: n}, "weights": {dtype: n}, "activations": {dtype: n}}`` of an ONNX
     ``ModelProto``: quantization ops counted, integer weight initializers by type (``MatMulNBits`` by its
@@ -63,6 +76,10 @@ def graph_precision(model: Any) -> dict:
     else e.g. "int4 weights, int8 activations" (the narrowest weight type; "float" where none)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
     ops: dict[str, int] = {}
     weights: dict[str, int] = {}
     acts: dict[str, int] = {}
@@ -74,6 +91,8 @@ def graph_precision(model: Any) -> dict:
         if node.op_type == "MatMulNBits" and len(node.input) > 1 and node.input[1] in inits:
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             _count(weights, f"int{bits}")
+        if node.op_type == "DequantizeLinear" and not _feeds_layer(node.output[0], consumers):
+            continue
         for i in _WEIGHT_INPUTS.get(node.op_type, ()):
             t = inits.get(node.input[i]) if i < len(node.input) else None
             if t is not None and _dtype(t.data_type) in _BITS and _numel(t) > 1:
