@@ -41,13 +41,15 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
            (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
            (255, 225, 25), (128, 128, 128)]
+#: a checkpoint's post-processing by its architecture (``detr_config.arch``; a DetrConfig has none: DETR)
+SCORING = {"detr": "softmax", "smca": "sigmoid"}
 
 
 class CheckpointEngine(Engine):
     """A checkpoint's PyTorch model behind the :class:`Engine` interface (CPU, float32, fake quantization
     for a quantized model): input ``images [B,3,H,W]`` at ``input_size``, outputs ``pred_logits`` and
     ``pred_boxes``, and the metadata an export of it would carry (``export.onnx_export.export_metadata``)
-    plus ``scoring``, the model's own post-processing (its ``scoring`` attribute; DETR: "softmax")."""
+    plus ``scoring``, the architecture's post-processing (:data:`SCORING`)."""
 
     backend = "torch (checkpoint)"
 
@@ -56,15 +58,20 @@ class CheckpointEngine(Engine):
 
     @classmethod
     def load(cls, path: str | os.PathLike, input_size: tuple[int, int] | None = None, trust: bool = False,
-             **_: Any) -> CheckpointEngine:
+             bits: str | None = None, **_: Any) -> CheckpointEngine:
+        """``bits``: for a released Q-DETR checkpoint, whose files store none (``load_checkpoint``)."""
         from qdetr_deploy.checkpoints import load_checkpoint
         from qdetr_deploy.deploy_format import default_size
         from qdetr_deploy.export.onnx_export import export_metadata
+        from qdetr_deploy.quant import QuantConfig
 
-        ckpt = load_checkpoint(path, trust=trust)
+        ckpt = load_checkpoint(path, trust=trust, quant_config=QuantConfig.from_bits(bits) if bits else None)
         size = tuple(input_size) if input_size else default_size(ckpt.meta)
         meta = export_metadata(ckpt, size, target="onnxruntime", postprocess=False, batch=None)
-        meta["scoring"] = getattr(ckpt.model, "scoring", "softmax")
+        arch = getattr(ckpt.detr_config, "arch", "detr")
+        if arch not in SCORING:
+            raise QDetrError(f"no post-processing known for architecture {arch!r}", path)
+        meta["scoring"] = SCORING[arch]
         return cls(Path(path), ckpt.model.eval(), meta)
 
     @property
@@ -89,14 +96,14 @@ class CheckpointEngine(Engine):
 
 
 def open_model(path: str | os.PathLike, input_size: tuple[int, int] | None = None,
-               trust: bool = False) -> Engine:
+               trust: bool = False, bits: str | None = None) -> Engine:
     """A checkpoint (by its suffix) as :class:`CheckpointEngine`, anything else through
     ``engines.open_engine`` (by its content)."""
     path = Path(path)
     if not path.exists():
         raise QDetrError("model not found", path)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return CheckpointEngine.load(path, input_size=input_size, trust=trust)
+        return CheckpointEngine.load(path, input_size=input_size, trust=trust, bits=bits)
     if detect_engine_kind(path) is None and path.suffix.lower() not in ENGINE_SUFFIXES:
         raise QDetrError("unknown model type: expected a checkpoint (.safetensors, .pth), an ONNX export "
                          "(.onnx) or an engine (.ortengine, a qdetr TensorRT engine, .qdtorch)", path)
@@ -187,7 +194,7 @@ def _save_picture(image: Image.Image, path: Path) -> None:
 
 def predict(model: str | os.PathLike | Engine, inputs: list[str | os.PathLike], out_dir: str | os.PathLike,
             score_threshold: float = 0.5, topk: int = 100, input_size: tuple[int, int] | None = None,
-            trust: bool = False, progress: bool = True) -> dict:
+            trust: bool = False, bits: str | None = None, progress: bool = True) -> dict:
     """Detect on each image of ``inputs`` (files or folders) with ``model`` (a path, see
     :func:`open_model`, or an open Engine); write the pictures and the JSON files into ``out_dir``
     (created when its parent exists). Returns ``{"pictures", "detections", "images", "num_detections"}``
@@ -203,7 +210,7 @@ def predict(model: str | os.PathLike | Engine, inputs: list[str | os.PathLike], 
     if any(f.resolve().parent == out.resolve() for f in files):
         raise QDetrError("the output folder holds input images that predict would overwrite: choose another",
                          out)
-    engine = model if isinstance(model, Engine) else open_model(model, input_size, trust)
+    engine = model if isinstance(model, Engine) else open_model(model, input_size, trust, bits)
     if not engine.metadata.get("outputs_recognised", True):
         raise QDetrError(f"its outputs {engine.metadata.get('output_names')} are not a DETR's "
                          "(pred_logits/pred_boxes or scores/labels/boxes): no detections to draw",

@@ -172,3 +172,30 @@ def test_collect_images_keeps_order_and_sorts_folders(tmp_path):
     for name in ("b.png", "a.jpg", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in collect_images([tmp_path / "b.png", tmp_path])] == ["b.png", "a.jpg", "b.png"]
+
+
+def test_predict_released_smca_checkpoint_scores_by_sigmoid_topk(tmp_path):
+    """A released Q-DETR (SMCA-DETR) checkpoint: --bits given, its post-processing chosen by its
+    architecture (sigmoid top-k, ``models.sigmoid_topk``), not DETR's softmax."""
+    from qdetr_deploy.bench.preprocess import preprocess
+    from qdetr_deploy.models import sigmoid_topk
+    from qdetr_deploy.predict import open_model
+
+    ckpt = DATA / "qdetr_released_fixture" / "smca_small_4bit.pth"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} is absent (real test data lives in ../shared/data beside the project)")
+    image = _coco_image()
+    res = _predict(ckpt, image, "-o", tmp_path / "out", "--bits", "4-4-8", "--image-size", 128, 128,
+                   "--score-threshold", 0)
+    assert res.exit_code == 0, res.output
+    dets, _ = _results(tmp_path / "out")
+    engine = open_model(ckpt, (128, 128), bits="4-4-8")
+    assert engine.metadata["scoring"] == "sigmoid"
+    x = preprocess(image, (128, 128), engine.metadata["mean"], engine.metadata["std"]).array[None]
+    out = {k: torch.from_numpy(v).double() for k, v in engine.run(x).items()}
+    scores, labels, _, _ = sigmoid_topk(out["pred_logits"], out["pred_boxes"], torch.tensor([[128, 128]]))
+    assert len(dets) == scores.shape[1]  # k = the number of queries
+    np.testing.assert_allclose([d["score"] for d in dets], scores[0].numpy(), rtol=1e-5)
+    assert sorted(d["category_id"] for d in dets) == sorted(labels[0].tolist())  # slots are COCO ids
+    line = _predict(ckpt, image, "-o", tmp_path / "x").stderr.strip().splitlines()
+    assert len(line) == 1 and "--bits" in line[0]

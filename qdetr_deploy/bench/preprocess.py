@@ -77,11 +77,12 @@ def _xyxy_pixels(pred_boxes: np.ndarray, input_size: tuple[int, int] | list[int]
 
 def postprocess_logits(pred_logits: np.ndarray, pred_boxes: np.ndarray,
                        input_size: tuple[int, int] | list[int], scoring: str = "softmax",
-                       topk: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       topk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """numpy twin of the models' post-processing, cxcywh -> xyxy in canvas pixels. ``scoring``:
     "softmax" (DETR, ``models/postprocess.py``): softmax, drop the last (no-object) column, max over
-    classes, one detection per query, scores/labels/boxes [B,Q]; "sigmoid" (SMCA/Deformable DETR): a
-    sigmoid per class and the ``topk`` highest (query, class) pairs, [B,topk]."""
+    classes, one detection per query, scores/labels/boxes [B,Q]; "sigmoid" (SMCA-DETR, the numpy twin of
+    ``models.postprocess.sigmoid_topk``): a sigmoid per class and the ``topk`` (default Q) highest
+    (query, class) pairs, [B,topk]."""
     if scoring == "softmax":
         prob = _softmax(pred_logits.astype(np.float64))[..., :-1]
         scores, labels = prob.max(axis=-1), prob.argmax(axis=-1)
@@ -89,7 +90,7 @@ def postprocess_logits(pred_logits: np.ndarray, pred_boxes: np.ndarray,
     elif scoring == "sigmoid":
         B, Q, C = pred_logits.shape
         prob = _sigmoid(pred_logits.astype(np.float64)).reshape(B, Q * C)
-        order = np.argsort(-prob, axis=1, kind="stable")[:, : min(topk, Q * C)]  # [B,k]
+        order = np.argsort(-prob, axis=1, kind="stable")[:, : min(topk or Q, Q * C)]  # [B,k]
         scores, labels = np.take_along_axis(prob, order, 1), order % C
         xyxy = np.take_along_axis(_xyxy_pixels(pred_boxes, input_size), (order // C)[..., None], 1)
     else:
