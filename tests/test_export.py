@@ -24,10 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from qdetr_deploy.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from qdetr_deploy.cli import cli
-from qdetr_deploy.export import folding, onnx_export
+from qdetr_deploy.export import onnx_export
 from qdetr_deploy.export.check import check_onnx, random_images
 from qdetr_deploy.export.folding import Ctx
 from qdetr_deploy.export.graph import GraphBuilder
+from qdetr_deploy.export.lower.layers import linear_as
 from qdetr_deploy.export.onnx_export import build_onnx, export_onnx
 from qdetr_deploy.export.trt_lint import lint_tensorrt
 from qdetr_deploy.models import build_detr, get_preset
@@ -210,13 +211,13 @@ def test_tensorrt_int4_only_for_weight_only_gemms() -> None:
     model = quantized_tiny("4-4-8", seed=6)
     lin = model.transformer.encoder.layers[0].linear1
     ctx = Ctx(GraphBuilder(21), "tensorrt", "int4")
-    out = folding.linear(ctx, "x", lin, "lin")
+    out = linear_as(ctx, "x", lin, "lin")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, lin.in_features])
     proto = ctx.g.model([x], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
     assert not any(t.data_type == TensorProto.INT4 for t in proto.graph.initializer)
     lin.act = None  # weight-only: the activation stays float
     ctx = Ctx(GraphBuilder(21), "tensorrt", "int4")
-    out = folding.linear(ctx, "x", lin, "lin")
+    out = linear_as(ctx, "x", lin, "lin")
     proto = ctx.g.model([x], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
     dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
     attrs = {a.name: a.i for a in dq.attribute}

@@ -1,6 +1,7 @@
-"""Folding rules: one function per layer kind, each turning one PyTorch module into ONNX nodes.
+"""The numeric rules of the export: Q/DQ planning, weight containers, batch-norm folding, int32 conv biases.
 
-Conventions (docs/ARCHITECTURE.md "ONNX model"; QDETR_METHOD.md §1):
+The lowering rules (``export/lower/``, one per module kind) call these for the arithmetic; which module
+becomes which nodes is theirs. Conventions (docs/ARCHITECTURE.md "ONNX model"; QDETR_METHOD.md §1):
 
 - Weights of quantized layers become integer initializers (INT4 for <= 4 bits in the "int4" container,
   INT8 otherwise) and a per-output-channel DequantizeLinear with scale = the learned step, zero point 0.
@@ -42,9 +43,8 @@ from torch import nn
 
 from qdetr_deploy.export.graph import DTYPE_NAMES, INT_DTYPES, ActRecord, GraphBuilder
 from qdetr_deploy.export.trt_weights import blocked_int4_dq, int4_block
-from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.models.backbone import batchnorm_affine
-from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention
+from qdetr_deploy.quant.modules import QuantConv2d
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
 TARGETS = ("onnxruntime", "tensorrt")
@@ -175,7 +175,7 @@ def _fake_quant(ctx: Ctx, x: str, step: np.ndarray, z: np.ndarray, qn: int, qp: 
     return out
 
 
-# --- weights, conv + norm, linear, layer norm --------------------------------------------------------------
+# --- weights, conv + norm, int32 conv biases --------------------------------------------------------------
 
 def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: str, axis: int,
               weight_only_gemm: bool = False) -> str:
@@ -357,139 +357,6 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
     return out, True
 
 
-def linear(ctx: Ctx, x: str, lin: nn.Linear, name: str) -> str:
-    """Linear (quantized or float) on [..., K] as MatMul with a [K,N] weight, then Add of a [1,N] bias."""
-    g = ctx.g
-    if isinstance(lin, QuantLinear):
-        x = act_quant(ctx, x, lin.act, f"{name}.act", axis=-1)
-        codes, step, bits = lin.weight_qparams()
-        w = weight_dq(ctx, _np(codes).T, _np(step), bits, name, axis=1, weight_only_gemm=lin.act is None)
-    else:
-        w = g.const(f"{name}.weight", _np(lin.weight).T)
-    return _matmul_bias(ctx, x, w, lin.bias, name)
-
-
-def _matmul_bias(ctx: Ctx, x: str, w: str, bias: torch.Tensor | None, name: str) -> str:
-    y = ctx.g.node("MatMul", [x, w], f"{name}/MatMul")
-    if bias is None:
-        return y
-    return ctx.g.node("Add", [y, ctx.g.const(f"{name}.bias", _np(bias).reshape(1, -1))], f"{name}/Add")
-
-
-def layer_norm(ctx: Ctx, x: str, ln: nn.LayerNorm, name: str) -> str:
-    """LayerNorm over the last axis, float (nothing quantized around it)."""
-    g = ctx.g
-    return g.node("LayerNormalization", [x, g.const(f"{name}.weight", _np(ln.weight)),
-                                         g.const(f"{name}.bias", _np(ln.bias))],
-                  f"{name}/LayerNormalization", axis=-1, epsilon=float(ln.eps))
-
-
-# --- attention ---------------------------------------------------------------------------------------------
-
-def _in_proj(ctx: Ctx, x: str, mha: MultiheadAttention, part: int, act: ActQuantizer | None, name: str,
-             suffix: str) -> str:
-    """One third (q, k or v) of the packed in_proj: its input quantizer, MatMul and bias."""
-    e, sl = mha.embed_dim, slice(part * mha.embed_dim, (part + 1) * mha.embed_dim)
-    bias = mha.in_proj_bias[sl]
-    if isinstance(mha, QuantMultiheadAttention):
-        x = act_quant(ctx, x, act, f"{name}.{suffix}_act", axis=-1)
-        codes, step, bits = mha.weight_qparams()
-        w = weight_dq(ctx, _np(codes[sl]).reshape(e, e).T, _np(step[sl]), bits, f"{name}.{suffix}_proj", 1)
-    else:
-        w = ctx.g.const(f"{name}.{suffix}_proj.weight", _np(mha.in_proj_weight[sl]).T)
-    return _matmul_bias(ctx, x, w, bias, f"{name}.{suffix}_proj")
-
-
-def distribution_alignment(ctx: Ctx, q: str, da: nn.Module, name: str) -> str:
-    """DA (quant/align.py), float: scale * (q - mean) / sqrt(unbiased var + eps) + bias over the last axis."""
-    g, d = ctx.g, da.scale.shape[-1]
-    centred = g.node("Sub", [q, reduce(ctx, "ReduceMean", q, [-1], f"{name}/ReduceMean")], f"{name}/Sub")
-    sq = g.node("Mul", [centred, centred], f"{name}/Square")
-    var = g.node("Div", [reduce(ctx, "ReduceSum", sq, [-1], f"{name}/ReduceSum"),
-                         g.const(f"{name}.dof", float(d - 1))], f"{name}/Var")
-    std = g.node("Sqrt", [g.node("Add", [var, g.const(f"{name}.eps", float(da.eps))], f"{name}/AddEps")],
-                 f"{name}/Sqrt")
-    normed = g.node("Div", [centred, std], f"{name}/Div")
-    scaled = g.node("Mul", [g.const(f"{name}.scale", _np(da.scale)), normed], f"{name}/Mul")
-    return g.node("Add", [scaled, g.const(f"{name}.bias", _np(da.bias))], f"{name}/Add")
-
-
-def reduce(ctx: Ctx, op: str, x: str, axes: list[int], name: str, keepdims: int = 1) -> str:
-    """Reduce* with axes as an input (opset 18+, ReduceSum 13+) or an attribute (older opsets)."""
-    if ctx.g.opset >= 18 or (op == "ReduceSum" and ctx.g.opset >= 13):
-        return ctx.g.node(op, [x, ctx.g.axes(f"{name}.axes", axes)], name, keepdims=keepdims)
-    return ctx.g.node(op, [x], name, axes=axes, keepdims=keepdims)
-
-
-def attention(ctx: Ctx, query: str, key: str, value: str, mha: MultiheadAttention, name: str) -> str:
-    """Multi-head attention, sequence-first [L,B,E]: project, DA(q) -> Q8(q), Q8(k^T), scores * scaling,
-    softmax, Q8(attn), @ Q8(v), merge heads, out_proj. k is quantized already transposed ([B,h,d,L]), so
-    its DequantizeLinear feeds the MatMul directly."""
-    g, h, d = ctx.g, mha.num_heads, mha.head_dim
-    quant = isinstance(mha, QuantMultiheadAttention)
-    qa = (lambda n: getattr(mha, n)) if quant else (lambda n: None)
-    heads = g.const(f"{name}.heads_shape", np.array([0, 0, h, d], np.int64), np.int64)
-
-    def split(x: str, perm: list[int], tag: str) -> str:
-        x = g.node("Reshape", [x, heads], f"{name}/{tag}/Reshape")
-        return g.node("Transpose", [x], f"{name}/{tag}/Transpose", perm=perm)
-
-    q = split(_in_proj(ctx, query, mha, 0, qa("query_act"), name, "query"), [1, 2, 0, 3], "q")
-    kt = split(_in_proj(ctx, key, mha, 1, qa("key_act"), name, "key"), [1, 2, 3, 0], "kT")
-    v = split(_in_proj(ctx, value, mha, 2, qa("value_act"), name, "value"), [1, 2, 0, 3], "v")
-    if quant and mha.norm_q is not None:
-        q = distribution_alignment(ctx, q, mha.norm_q, f"{name}.norm_q")
-    q = act_quant(ctx, q, qa("q_act"), f"{name}.q_act", axis=1, rank=4)
-    kt = act_quant(ctx, kt, qa("k_act"), f"{name}.k_act", axis=1, rank=4, layout="kT")
-    scores = g.node("MatMul", [q, kt], f"{name}/scores/MatMul")
-    scores = g.node("Mul", [scores, g.const(f"{name}.scaling", np.float32(mha.scaling))], f"{name}/scaling")
-    attn = g.node("Softmax", [scores], f"{name}/Softmax", axis=-1)
-    attn = act_quant(ctx, attn, qa("attn_act"), f"{name}.attn_act", axis=1, rank=4)
-    v = act_quant(ctx, v, qa("v_act"), f"{name}.v_act", axis=1, rank=4)
-    out = g.node("MatMul", [attn, v], f"{name}/context/MatMul")
-    out = g.node("Transpose", [out], f"{name}/merge/Transpose", perm=[2, 0, 1, 3])
-    merge = g.const(f"{name}.merge_shape", np.array([0, 0, h * d], np.int64), np.int64)
-    out = g.node("Reshape", [out, merge], f"{name}/merge/Reshape")
-    return linear(ctx, out, mha.out_proj, f"{name}.out_proj")
-
-
-# --- backbone ----------------------------------------------------------------------------------------------
-
-def tiny_block(ctx: Ctx, x: str, block: nn.Sequential, name: str) -> str:
-    """TinyBackbone layerN: Conv2d -> BatchNorm2d -> ReLU."""
-    y = conv_norm(ctx, x, block[0], block[1], f"{name}.0")
-    return ctx.g.node("Relu", [y], f"{name}.2/Relu")
-
-
-def resnet_block(ctx: Ctx, x: str, block: nn.Module, name: str) -> str:
-    """torchvision BasicBlock / Bottleneck: convs with their norms, the (float) downsample, add, ReLU.
-
-    With conv_bias="int32", every conv but the last (its output only feeds the next conv) goes through
-    :func:`conv_relu_quant`; the last one meets the residual add: it runs as QLinearConv only when its
-    batch norm quantizes the residual branch (``out_act``, QuantConfig.residual_bits). The block's own
-    ``out_act`` (same option) quantizes its output after the final ReLU."""
-    g = ctx.g
-    convs = [c for c in ("conv1", "conv2", "conv3") if hasattr(block, c)]
-    y, quantized = x, False
-    for i, c in enumerate(convs):
-        conv, norm = getattr(block, c), getattr(block, f"bn{c[-1]}")
-        if i < len(convs) - 1:
-            nxt = convs[i + 1]
-            y, quantized = conv_relu_quant(ctx, y, conv, norm, f"{name}.{c}", f"{name}.bn{c[-1]}",
-                                           getattr(block, nxt), f"{name}.{nxt}", f"{name}.relu{i + 1}/Relu",
-                                           quantized_input=quantized)
-        else:
-            y = residual_branch(ctx, y, conv, norm, f"{name}.{c}", f"{name}.bn{c[-1]}", quantized)
-    identity = x
-    if block.downsample is not None:
-        identity = conv_norm(ctx, x, block.downsample[0], block.downsample[1], f"{name}.downsample.0")
-    out = g.node("Relu", [g.node("Add", [y, identity], f"{name}/Add")], f"{name}.relu/Relu")
-    # the block's own output quantizer (QuantConfig.residual_bits): the next block's identity input; with
-    # a quantized branch, onnxruntime fuses DQ, DQ -> Add -> Relu -> Q into QLinearAdd (zero point 0)
-    out_act = getattr(block, "out_act", None)
-    return act_quant(ctx, out, out_act, f"{name}.out_act", axis=1, rank=4, feeds="Add")
-
-
 def residual_branch(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module, name: str, norm_name: str,
                     quantized_input: bool) -> str:
     """The last conv of a ResNet block + its norm, then the norm's residual quantizer ``out_act`` if any.
@@ -505,115 +372,3 @@ def residual_branch(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module, name: st
         int_bias = (norm_name, float(_np(conv.act.qparams().step).reshape(-1)[0]))
     y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input, int_bias=int_bias)
     return act_quant(ctx, y, out_act, f"{norm_name}.out_act", axis=1, rank=4, feeds="Add")
-
-
-def _tiny_chain(ctx: Ctx, x: str, body: nn.Module, name: str, nxt: nn.Module | None, nxt_name: str) -> str:
-    """TinyBackbone with conv_bias="int32": stem and layers as a chain in which each conv's ReLU output
-    feeds only the next conv (the last one: ``nxt``, the input_proj)."""
-    stages = [(body.conv1, body.bn1, f"{name}.conv1", f"{name}.bn1", f"{name}.relu/Relu")]
-    stages += [(layer[0], layer[1], f"{name}.{n}.0", f"{name}.{n}.1", f"{name}.{n}.2/Relu")
-               for n, layer in body.named_children() if n.startswith("layer")]
-    quantized = False
-    for i, (conv, norm, cname, nname, relu) in enumerate(stages):
-        after, after_name = (stages[i + 1][0], stages[i + 1][2]) if i + 1 < len(stages) else (nxt, nxt_name)
-        x, quantized = conv_relu_quant(ctx, x, conv, norm, cname, nname, after, after_name, relu,
-                                       quantized_input=quantized)
-    return x
-
-
-def backbone(ctx: Ctx, images: str, body: nn.Module, name: str, nxt: nn.Module | None = None,
-             nxt_name: str = "input_proj") -> str:
-    """The backbone body up to its returned layer (ResNet or the tiny demo net) -> features [B,C,h,w].
-
-    ``nxt``: the layer reading the features (the input_proj), used by conv_bias="int32"."""
-    g = ctx.g
-    layers = [layer for n, layer in body.named_children() if n.startswith("layer")]
-    tiny = not hasattr(body, "maxpool") and all(isinstance(layer[0], nn.Conv2d) for layer in layers)
-    if tiny and ctx.conv_bias == "int32" and ctx.target == "onnxruntime":
-        return _tiny_chain(ctx, images, body, name, nxt, nxt_name)
-    x = conv_norm(ctx, images, body.conv1, body.bn1, f"{name}.conv1")
-    if ctx.conv_bias == "int32":
-        ctx.int_convs[f"{name}.conv1"] = "its output also feeds the float residual path of layer1.0"
-    x = g.node("Relu", [x], f"{name}.relu/Relu")
-    if hasattr(body, "maxpool"):
-        mp = body.maxpool
-        x = g.node("MaxPool", [x], f"{name}.maxpool/MaxPool", kernel_shape=[mp.kernel_size] * 2,
-                   strides=[mp.stride] * 2, pads=[mp.padding] * 4)
-    for layer_name, layer in body.named_children():
-        if not layer_name.startswith("layer"):
-            continue
-        if isinstance(layer[0], nn.Conv2d):
-            x = tiny_block(ctx, x, layer, f"{name}.{layer_name}")
-        else:
-            for i, block in enumerate(layer):
-                x = resnet_block(ctx, x, block, f"{name}.{layer_name}.{i}")
-    return x
-
-
-# --- transformer -------------------------------------------------------------------------------------------
-
-def ffn(ctx: Ctx, x: str, layer: nn.Module, name: str) -> str:
-    """linear1 -> ReLU -> linear2 (dropout is identity at inference)."""
-    y = linear(ctx, x, layer.linear1, f"{name}.linear1")
-    y = ctx.g.node("Relu", [y], f"{name}.activation/Relu")
-    return linear(ctx, y, layer.linear2, f"{name}.linear2")
-
-
-def encoder_layer(ctx: Ctx, src: str, pos: str, layer: nn.Module, name: str) -> str:
-    """Post-norm encoder layer: self-attention on src + pos, add & norm, FFN, add & norm."""
-    g = ctx.g
-    q = g.node("Add", [src, pos], f"{name}/with_pos_embed")
-    src2 = attention(ctx, q, q, src, layer.self_attn, f"{name}.self_attn")
-    src = layer_norm(ctx, g.node("Add", [src, src2], f"{name}/residual1"), layer.norm1, f"{name}.norm1")
-    src2 = ffn(ctx, src, layer, name)
-    return layer_norm(ctx, g.node("Add", [src, src2], f"{name}/residual2"), layer.norm2, f"{name}.norm2")
-
-
-def decoder_layer(ctx: Ctx, tgt: str, memory: str, pos: str, query_pos: str, layer: nn.Module,
-                  name: str) -> str:
-    """Post-norm decoder layer: self-attention, cross-attention on memory + pos, FFN; add & norm after
-    each."""
-    g = ctx.g
-    q = g.node("Add", [tgt, query_pos], f"{name}/with_query_pos")
-    tgt2 = attention(ctx, q, q, tgt, layer.self_attn, f"{name}.self_attn")
-    tgt = layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual1"), layer.norm1, f"{name}.norm1")
-    q = g.node("Add", [tgt, query_pos], f"{name}/cross_query_pos")
-    k = g.node("Add", [memory, pos], f"{name}/cross_key_pos")
-    tgt2 = attention(ctx, q, k, memory, layer.multihead_attn, f"{name}.multihead_attn")
-    tgt = layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual2"), layer.norm2, f"{name}.norm2")
-    tgt2 = ffn(ctx, tgt, layer, name)
-    return layer_norm(ctx, g.node("Add", [tgt, tgt2], f"{name}/residual3"), layer.norm3, f"{name}.norm3")
-
-
-# --- heads and post-processing -----------------------------------------------------------------------------
-
-def heads(ctx: Ctx, hs: str, class_embed: nn.Linear, bbox_embed: nn.Module) -> tuple[str, str]:
-    """Float heads on hs [B,Q,D]: class logits [B,Q,C+1] and sigmoid boxes [B,Q,4] (cx,cy,w,h)."""
-    logits = linear(ctx, hs, class_embed, "class_embed")
-    x = hs
-    for i, lin in enumerate(bbox_embed.layers):
-        x = linear(ctx, x, lin, f"bbox_embed.layers.{i}")
-        if i < bbox_embed.num_layers - 1:
-            x = ctx.g.node("Relu", [x], f"bbox_embed.layers.{i}/Relu")
-    return logits, ctx.g.node("Sigmoid", [x], "bbox_embed/Sigmoid")
-
-
-def postprocess(ctx: Ctx, logits: str, boxes: str, size: tuple[int, int]) -> tuple[str, str, str]:
-    """models/postprocess.py in the graph: softmax, drop no-object, max/argmax over classes, cxcywh ->
-    xyxy in pixels of the (H, W) canvas. Returns scores [B,Q], labels [B,Q] int64, boxes [B,Q,4]."""
-    g, name = ctx.g, "postprocess"
-    i64 = np.int64
-    prob = g.node("Softmax", [logits], f"{name}/Softmax", axis=-1)
-    prob = g.node("Slice", [prob, g.const(f"{name}.start", [0], i64), g.const(f"{name}.end", [-1], i64),
-                            g.const(f"{name}.axis", [-1], i64)], f"{name}/drop_no_object")
-    scores = reduce(ctx, "ReduceMax", prob, [-1], f"{name}/ReduceMax", keepdims=0)
-    labels = g.node("ArgMax", [prob], f"{name}/ArgMax", axis=-1, keepdims=0)
-    split = g.const(f"{name}.split", [2, 2], i64)
-    cxcy, wh = g.node("Split", [boxes, split], f"{name}/Split", n_out=2, axis=-1)
-    half = g.node("Mul", [wh, g.const(f"{name}.half", np.float32(0.5))], f"{name}/half_wh")
-    lo = g.node("Sub", [cxcy, half], f"{name}/xy0")
-    hi = g.node("Add", [cxcy, half], f"{name}/xy1")
-    xyxy = g.node("Concat", [lo, hi], f"{name}/Concat", axis=-1)
-    h, w = size
-    scale = g.const(f"{name}.canvas_scale", np.array([w, h, w, h], np.float32))
-    return scores, labels, g.node("Mul", [xyxy, scale], f"{name}/to_pixels")

@@ -1,9 +1,11 @@
 """``export_onnx``: a (quantized) DETR checkpoint -> one ONNX Q/DQ graph built by hand, plus its sidecar JSON.
 
-The graph follows the model's known structure (folding.py has one rule per layer kind); with no mask input
-the sine position embedding and the query embedding are constants for the fixed (H, W), computed in torch
-and stored as initializers. The decoder starts from a zero target of shape [Q,1,D], broadcast against the
-batch like the constants. Only the last decoder layer's output feeds the heads (no auxiliary outputs).
+The graph follows the model's own modules: ``export/lower/`` has one lowering rule per module kind, each
+composite module's rule lowering its children in the order of its forward; the numeric rules (Q/DQ, batch
+norm folding, int32 biases) are ``folding.py``'s. With no mask input the sine position embedding and the
+query embedding are constants for the fixed (H, W), computed in torch and stored as initializers. The
+decoder starts from a zero target of shape [Q,1,D], broadcast against the batch like the constants. Only
+the last decoder layer's output feeds the heads (no auxiliary outputs).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from qdetr_deploy.deploy_format import (
     sha256_file,
 )
 from qdetr_deploy.errors import QDetrError
-from qdetr_deploy.export import folding
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
+from qdetr_deploy.export.lower import LowerCtx, check_rules, lower
+from qdetr_deploy.export.lower.heads import postprocess as postprocess_graph
 from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, check_trt_version, opset_range
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
-from qdetr_deploy.models.backbone import output_size
 from qdetr_deploy.quant.api import is_quantized
 
 QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes live (used by the check)
@@ -71,32 +73,20 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
     opset = opset or default_opset(target, trt_version)
     container = _check_options(model, opset, target, weight_container)
     conv_bias = _check_conv_bias(conv_bias, target)
-    ctx = Ctx(GraphBuilder(opset), target, container, conv_bias=conv_bias)
-    g, (H, W) = ctx.g, (int(image_size[0]), int(image_size[1]))
+    check_rules(model)
+    H, W = int(image_size[0]), int(image_size[1])
+    names = {m: n for n, m in model.named_modules()}
+    ctx = LowerCtx(GraphBuilder(opset), target, container, conv_bias=conv_bias, names=names,
+                   image_size=(H, W))
+    g = ctx.g
     with torch.no_grad():
-        feats = folding.backbone(ctx, "images", model.backbone[0].body, "backbone.0.body", model.input_proj)
-        pre = any(r.module == "input_proj.act" for r in g.acts)  # quantized by the backbone's last conv
-        src = folding.conv_norm(ctx, feats, model.input_proj, None, "input_proj", quantized_input=pre)
-        pos, query_pos, tgt = _constants(ctx, model, (H, W))
-        i64 = np.int64
-        src = g.node("Reshape", [src, g.const("transformer.flatten_shape", [0, 0, -1], i64)],
-                     "transformer/flatten")
-        memory = g.node("Transpose", [src], "transformer/to_sequence", perm=[2, 0, 1])  # [hw,B,D]
-        tr = model.transformer
-        for i, layer in enumerate(tr.encoder.layers):
-            memory = folding.encoder_layer(ctx, memory, pos, layer, f"transformer.encoder.layers.{i}")
-        for i, layer in enumerate(tr.decoder.layers):
-            name = f"transformer.decoder.layers.{i}"
-            tgt = folding.decoder_layer(ctx, tgt, memory, pos, query_pos, layer, name)
-        hs = folding.layer_norm(ctx, tgt, tr.decoder.norm, "transformer.decoder.norm")
-        hs = g.node("Transpose", [hs], "transformer/to_batch_first", perm=[1, 0, 2])  # [B,Q,D]
-        logits, boxes = folding.heads(ctx, hs, model.class_embed, model.bbox_embed)
+        logits, boxes = lower(ctx, model, "images")
     if strict_trt and target == "tensorrt" and ctx.fallbacks:
         raise QDetrError(_strict_message(ctx.fallbacks))
     b = batch if batch else "batch"
     q, c = model.num_queries, model.class_embed.out_features
     if postprocess:
-        scores, labels, xyxy = folding.postprocess(ctx, logits, boxes, (H, W))
+        scores, labels, xyxy = postprocess_graph(ctx, logits, boxes, (H, W))
         outs = [("scores", scores, TensorProto.FLOAT, [b, q]), ("labels", labels, TensorProto.INT64, [b, q]),
                 ("boxes", xyxy, TensorProto.FLOAT, [b, q, 4])]
     else:
@@ -211,19 +201,6 @@ def _check_conv_bias(conv_bias: str | None, target: str) -> str:
     if conv_bias == "int32" and target != "onnxruntime":
         raise QDetrError("--conv-bias int32 is for the onnxruntime target (QLinearConv)")
     return conv_bias
-
-
-def _constants(ctx: Ctx, model: nn.Module, size: tuple[int, int]) -> tuple[str, str, str]:
-    """Sine position embedding [hw,1,D], query embedding [Q,1,D] and the zero decoder target [Q,1,D]."""
-    h, w = output_size(model.backbone[0].body, size)
-    if h < 1 or w < 1:
-        raise QDetrError(f"input size {size[0]}x{size[1]} is too small for this backbone")
-    pos = model.backbone[1](torch.zeros(1, h, w, dtype=torch.bool))  # [1,D,h,w]
-    pos = pos.flatten(2).permute(2, 0, 1).contiguous()  # [hw,1,D]
-    query = model.query_embed.weight.detach()[:, None, :]
-    g = ctx.g
-    return (g.const("backbone.1.pos_embed", pos.numpy()), g.const("query_embed.weight", query.numpy()),
-            g.const("transformer.decoder.tgt", np.zeros(query.shape, np.float32)))
 
 
 def _strict_message(fallbacks: list[tuple[str, str]]) -> str:

@@ -1,0 +1,97 @@
+"""The ONNX export's lowering rules (qdetr_deploy/export/lower): one rule per module kind, so that the graph
+follows the model's own modules.
+
+The rule tests walk every module of the built models (float and quantized, each backbone kind) and fail
+when a module kind has no rule and is not consumed by the rule above it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_export import SIZE, one_torch_thread  # noqa: F401 (autouse fixture)
+from torch import nn
+
+from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.export.lower import RULES, missing_rules
+from qdetr_deploy.export.lower.registry import CONSUMES
+from qdetr_deploy.export.onnx_export import build_onnx
+from qdetr_deploy.models import build_detr, get_preset
+from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.quant import QuantConfig, quantize
+from qdetr_deploy.quant.quantizers import ActQuantizer
+
+MODELS = {  # name -> (preset, QuantConfig kwargs or None for float)
+    "detr_tiny float": ("detr_tiny", None),
+    "detr_tiny 4-4-8": ("detr_tiny", {}),
+    "detr_tiny 2-2-8 per channel, DA both": ("detr_tiny", {"act_granularity": "channel", "da": "both"}),
+    "detr_r18 float": ("detr_r18", None),
+    "detr_r18 4-4-8 residual_bits 8": ("detr_r18", {"residual_bits": 8}),
+    "detr_r50 4-4-8": ("detr_r50", {}),
+    "detr_r50 4-4-8 residual_bits 8, zero points 0": ("detr_r50", {"residual_bits": 8,
+                                                                  "act_zero_point": "zero"}),
+}
+
+
+def _build(preset: str, qkw: dict | None) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_detr(get_preset(preset)).eval()
+    return model if qkw is None else quantize(model, QuantConfig.from_bits("4-4-8", **qkw))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_module_kind_has_a_rule(name: str) -> None:
+    """Every module of the built model has a lowering rule or is consumed by the rule that lowers its
+    parent (the nearest ancestor with a rule)."""
+    model = _build(*MODELS[name])
+    assert missing_rules(model) == []
+
+
+def _must_lower(model: nn.Module) -> set[str]:
+    """Names of the modules whose own rule must run: those with a rule that the rule above does not
+    consume."""
+    names: set[str] = set()
+
+    def walk(module: nn.Module, name: str, owner: type | None) -> None:
+        kind = type(module)
+        if kind in RULES and not (owner is not None and kind in CONSUMES[owner]):
+            names.add(name)
+        for child_name, child in module.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name, kind if kind in RULES else owner)
+
+    walk(model, "", None)
+    return names
+
+
+@pytest.mark.parametrize("name", ["detr_tiny 4-4-8", "detr_r18 float", "detr_r18 4-4-8 residual_bits 8",
+                                  "detr_r50 4-4-8"])
+def test_export_runs_each_module_through_its_rule(name: str) -> None:
+    """Building the graph calls the rule of every module that its parent's rule does not consume, each
+    once: the graph follows the model's modules, none skipped, none lowered twice."""
+    model = _build(*MODELS[name])
+    for q in (m for m in model.modules() if isinstance(m, ActQuantizer)):
+        q.init_state.fill_(1)  # step 1, zero point 0: enough to build the graph
+    _, ctx = build_onnx(model, SIZE)
+    assert sorted(ctx.lowered) == sorted(_must_lower(model))
+
+
+class _Gelu(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x)
+
+
+class _OtherAttention(MultiheadAttention):
+    """A subclass that could change the forward: lookup is by exact class, so it needs its own rule."""
+
+
+def test_module_kind_without_a_rule_is_refused() -> None:
+    model = _build("detr_tiny", None)
+    model.transformer.encoder.layers[0].extra = _Gelu()
+    layer = model.transformer.decoder.layers[1]
+    layer.self_attn.__class__ = _OtherAttention
+    missing = missing_rules(model)
+    assert [n for n, _ in missing] == ["transformer.encoder.layers.0.extra",
+                                       "transformer.decoder.layers.1.self_attn"]
+    with pytest.raises(QDetrError, match="no ONNX lowering rule for .*_Gelu.*_OtherAttention") as err:
+        build_onnx(model, SIZE)
+    assert "\n" not in str(err.value)
