@@ -1,5 +1,6 @@
 """The ONNX export's lowering rules (qdetr_deploy/export/lower): one rule per module kind, so that the graph
-follows the model's own modules.
+follows the model's own modules; and the per-channel activation Q/DQ of export/folding.py, run through
+ONNX Runtime.
 
 The rule tests walk every module of the built models (float and quantized, each backbone kind) and fail
 when a module kind has no rule and is not consumed by the rule above it.
@@ -7,18 +8,25 @@ when a module kind has no rule and is not consumed by the rule above it.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 from test_export import SIZE, one_torch_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from qdetr_deploy.errors import QDetrError
+from qdetr_deploy.export.folding import Ctx, act_quant
+from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower import RULES, missing_rules
 from qdetr_deploy.export.lower.registry import CONSUMES
 from qdetr_deploy.export.onnx_export import build_onnx
 from qdetr_deploy.models import build_detr, get_preset
 from qdetr_deploy.models.attention import MultiheadAttention
 from qdetr_deploy.quant import QuantConfig, quantize
+from qdetr_deploy.quant.lsq import act_codes
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
 MODELS = {  # name -> (preset, QuantConfig kwargs or None for float)
@@ -95,3 +103,55 @@ def test_module_kind_without_a_rule_is_refused() -> None:
     with pytest.raises(QDetrError, match="no ONNX lowering rule for .*_Gelu.*_OtherAttention") as err:
         build_onnx(model, SIZE)
     assert "\n" not in str(err.value)
+
+
+# --- per-channel activation Q/DQ: the Clip decided per channel ----------------------------------------------
+
+def _per_channel_quantizer(bits: int, signed: bool, steps: list[float],
+                           zero_points: list[float]) -> ActQuantizer:
+    act = ActQuantizer(bits, len(steps), 1, "signed" if signed else "auto")
+    with torch.no_grad():
+        act.alpha.copy_(torch.tensor(steps))
+        act.zero_point.copy_(torch.tensor(zero_points))
+        act.signed.fill_(signed)
+        act.init_state.fill_(1)
+    return act.eval()
+
+
+@pytest.mark.parametrize(("bits", "signed", "zero_points"), [(3, True, [0, -12]), (3, False, [0, 12]),
+                                                             (4, True, [3, -5]), (2, True, [0, 0])])
+@pytest.mark.parametrize(("container", "conv_bias"), [("int4", "float"), ("int8", "float"),
+                                                      ("int4", "int32")])
+def test_per_channel_zero_points_clip_each_channel(bits: int, signed: bool, zero_points: list[float],
+                                                   container: str, conv_bias: str) -> None:
+    """A per-channel quantizer (channels on axis 1 of NCHW, feeding a conv) exported alone and run by ONNX
+    Runtime gives exactly the fake-quant output and codes in every channel. 3-bit signed with zero points
+    [0, -12] is the case a Clip decided from the min/max of the channels' shifts got wrong (INT4 with no
+    Clip: channel 0's codes saturated at the dtype's ends instead of the quantizer's [-4, 3])."""
+    act = _per_channel_quantizer(bits, signed, [0.5, 0.25], zero_points)
+    ctx = Ctx(GraphBuilder(21), "onnxruntime", container, conv_bias=conv_bias)
+    out = act_quant(ctx, "x", act, "q", axis=1, rank=4, feeds="Conv")
+    rec = ctx.g.acts[0]
+    assert rec.mode != "float" and rec.axis == 1, rec
+    codes_i32 = ctx.g.node("Cast", [rec.codes], "codes/Cast", to=TensorProto.INT32)
+    proto = ctx.g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, None, 1])],
+                        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 2, None, 1]),
+                         helper.make_tensor_value_info(codes_i32, TensorProto.INT32, [1, 2, None, 1])])
+    onnx.checker.check_model(proto, full_check=True)
+    # per channel, x/step from 4 codes below the quantizer's range to 4 above, in eighths of a step: every
+    # code, the rounding points between them and the saturation on both sides
+    qn, qp = act.qrange()
+    ticks = np.arange((qn - 4) * 8, (qp + 5) * 8, dtype=np.float32) / 8
+    x = np.stack([step * (ticks - z) for step, z in zip([0.5, 0.25], zero_points)])[None, :, :, None]
+    y, codes = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        expected = act(xt).numpy()
+    view = lambda t: t.reshape(1, -1, 1, 1)  # noqa: E731
+    torch_codes = act_codes(xt, view(act.alpha.detach()), view(act.zero_point.detach()), qn, qp).numpy()
+    shift = np.asarray(rec.shift).reshape(1, -1, 1, 1)
+    assert np.array_equal(codes - shift, torch_codes)
+    assert np.array_equal(y, expected)
+    for c, z in enumerate(zero_points):  # each channel reaches exactly its own code range
+        assert torch_codes[0, c].min() == qn and torch_codes[0, c].max() == qp, (c, z)

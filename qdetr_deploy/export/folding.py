@@ -102,7 +102,9 @@ def plan_act(qn: int, qp: int, z: np.ndarray, bits: int, signed: bool, per_chann
     for dtype in order:
         lo, hi = INT_DTYPES[dtype]
         s_lo, s_hi = np.maximum(lo - qn, lo - z), np.minimum(hi - qp, hi - z)
-        clip = bool(qn + s_lo.min() != lo or qp + s_lo.max() != hi)
+        # per channel: channel c's codes span [qn + s_c, qp + s_c] in the dtype; any short of [lo, hi] needs
+        # the Clip (bounds per channel), whatever the other channels' shifts
+        clip = bool(np.any(qn + s_lo != lo) or np.any(qp + s_lo != hi))
         # 4-bit Q only where it needs no Clip: onnxruntime's Clip->Q fusion fails on INT4/UINT4 zero points
         if (s_lo <= s_hi).all() and not (clip and dtype in (T.INT4, T.UINT4)):
             return dtype, s_lo, clip
