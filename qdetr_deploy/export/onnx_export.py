@@ -35,7 +35,7 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower import LowerCtx, check_rules, lower
-from qdetr_deploy.export.lower.heads import postprocess as postprocess_graph
+from qdetr_deploy.export.lower.heads import CLASS_SCORE, POSTPROCESS
 from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, check_trt_version, opset_range
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.quant.api import is_quantized
@@ -86,7 +86,7 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
     b = batch if batch else "batch"
     q, c = model.num_queries, model.class_embed.out_features
     if postprocess:
-        scores, labels, xyxy = postprocess_graph(ctx, logits, boxes, (H, W))
+        scores, labels, xyxy = POSTPROCESS[type(model)](ctx, model, logits, boxes, (H, W))
         outs = [("scores", scores, TensorProto.FLOAT, [b, q]), ("labels", labels, TensorProto.INT64, [b, q]),
                 ("boxes", xyxy, TensorProto.FLOAT, [b, q, 4])]
     else:
@@ -95,10 +95,13 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
     for name, tensor, _, _ in outs:
         g.rename_output(tensor, name)
     internal = {"pred_logits": logits, "pred_boxes": boxes} if postprocess else {}
+    if postprocess and ctx.topk_index:
+        internal["topk_index"] = ctx.topk_index
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [b, 3, H, W])]
     outputs = [helper.make_tensor_value_info(n, t, s) for n, _, t, s in outs]
     onnx_model = g.model(inputs, outputs)
-    _set_props(onnx_model, {QUANTIZERS_KEY: json.dumps(_records_json(ctx, internal))})
+    records = {**_records_json(ctx, internal), "class_score": CLASS_SCORE[type(model)]}
+    _set_props(onnx_model, {QUANTIZERS_KEY: json.dumps(records)})
     return onnx_model, ctx
 
 

@@ -4,6 +4,8 @@ MLP box head, and the post-processing of models/postprocess.py in the graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from torch import nn
 
@@ -36,7 +38,8 @@ def mlp(ctx: LowerCtx, module: MLP, x: str) -> str:
     return x
 
 
-def postprocess(ctx: LowerCtx, logits: str, boxes: str, size: tuple[int, int]) -> tuple[str, str, str]:
+def postprocess(ctx: LowerCtx, model: DETR, logits: str, boxes: str, size: tuple[int, int]
+                ) -> tuple[str, str, str]:
     """models/postprocess.py in the graph: softmax, drop no-object, max/argmax over classes, cxcywh ->
     xyxy in pixels of the (H, W) canvas. Returns scores [B,Q], labels [B,Q] int64, boxes [B,Q,4]."""
     g, name = ctx.g, "postprocess"
@@ -46,6 +49,12 @@ def postprocess(ctx: LowerCtx, logits: str, boxes: str, size: tuple[int, int]) -
                             g.const(f"{name}.axis", [-1], i64)], f"{name}/drop_no_object")
     scores = reduce(ctx, "ReduceMax", prob, [-1], f"{name}/ReduceMax", keepdims=0)
     labels = g.node("ArgMax", [prob], f"{name}/ArgMax", axis=-1, keepdims=0)
+    return scores, labels, to_pixels(ctx, boxes, size, name)
+
+
+def to_pixels(ctx: LowerCtx, boxes: str, size: tuple[int, int], name: str) -> str:
+    """Boxes [..., 4] normalised cx,cy,w,h -> x0,y0,x1,y1 in pixels of the (H, W) canvas (box_ops)."""
+    g, i64 = ctx.g, np.int64
     split = g.const(f"{name}.split", [2, 2], i64)
     cxcy, wh = g.node("Split", [boxes, split], f"{name}/Split", n_out=2, axis=-1)
     half = g.node("Mul", [wh, g.const(f"{name}.half", np.float32(0.5))], f"{name}/half_wh")
@@ -54,4 +63,11 @@ def postprocess(ctx: LowerCtx, logits: str, boxes: str, size: tuple[int, int]) -
     xyxy = g.node("Concat", [lo, hi], f"{name}/Concat", axis=-1)
     h, w = size
     scale = g.const(f"{name}.canvas_scale", np.array([w, h, w, h], np.float32))
-    return scores, labels, g.node("Mul", [xyxy, scale], f"{name}/to_pixels")
+    return g.node("Mul", [xyxy, scale], f"{name}/to_pixels")
+
+
+#: post-processing in the graph by detector class: (ctx, model, logits, boxes, (H, W)) -> scores, labels,
+#: boxes (xyxy pixels)
+POSTPROCESS: dict[type, Callable[..., tuple[str, str, str]]] = {DETR: postprocess}
+#: how the detector's logits become class probabilities (the parity check compares those)
+CLASS_SCORE: dict[type, str] = {DETR: "softmax"}

@@ -14,7 +14,7 @@ from qdetr_deploy.export.folding import _np, act_quant, conv_norm, weight_dq
 from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
 from qdetr_deploy.models.backbone import FrozenBatchNorm2d
 from qdetr_deploy.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantFrozenBatchNorm2d, QuantLinear
-from qdetr_deploy.quant.quantizers import ActQuantizer
+from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, QuantBatchNorm2d, QuantFrozenBatchNorm2d)
 
@@ -64,10 +64,11 @@ def linear(ctx: LowerCtx, module: nn.Linear, x: str) -> str:
 def linear_as(ctx: LowerCtx, x: str, lin: nn.Linear, name: str) -> str:
     """:func:`linear` with nodes named ``name``."""
     g = ctx.g
-    if isinstance(lin, QuantLinear):
-        x = act_quant(ctx, x, lin.act, f"{name}.act", axis=-1)
+    if isinstance(lin, WeightQuantMixin):  # QuantLinear: with its input quantizer ``act``
+        act = getattr(lin, "act", None)
+        x = act_quant(ctx, x, act, f"{name}.act", axis=-1)
         codes, step, bits = lin.weight_qparams()
-        w = weight_dq(ctx, _np(codes).T, _np(step), bits, name, axis=1, weight_only_gemm=lin.act is None)
+        w = weight_dq(ctx, _np(codes).T, _np(step), bits, name, axis=1, weight_only_gemm=act is None)
     else:
         w = g.const(f"{name}.weight", _np(lin.weight).T)
     return matmul_bias(ctx, x, w, lin.bias, name)

@@ -50,6 +50,8 @@ class LowerCtx(Ctx):
     names: dict[nn.Module, str] = field(default_factory=dict)
     image_size: tuple[int, int] = (0, 0)
     lowered: list[str] = field(default_factory=list)
+    #: the top-k index tensor of a sigmoid top-k post-processing (the parity check reads it), "" if none
+    topk_index: str = ""
 
     def name(self, module: nn.Module) -> str:
         """``module``'s name in the model being exported (``named_modules``)."""
