@@ -196,7 +196,7 @@ class _Tally:
             self.prob = max(self.prob, float(np.abs(prob - ref_p).max()))
             self.box = max(self.box, float(np.abs(box - ref_b).max()))
         if "labels" in out:
-            self.labels_equal += int((out["labels"] == ref["prob"][..., :-1].argmax(-1)).sum())
+            self.labels_equal += int((out["labels"] == _ref_labels(ref["prob"], records, out)).sum())
             self.labels_total += out["labels"].size
         for rec in records["acts"]:
             eq, total = _compare_codes(pout[f"probe/{rec['module']}"], ref["codes"].get(rec["module"]), rec)
@@ -258,7 +258,8 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
         x = images[start:start + batch]
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
         pout = dict(zip([o.name for o in probe.get_outputs()], probe.run(None, {"images": x})))
-        e2e.add(out, pout, records, _hooked_forward(model, x, {}, None), (H, W))  # fake quant, own codes
+        own = _hooked_forward(model, x, {}, None, records.get("class_score", "softmax"))  # fake quant
+        e2e.add(out, pout, records, own, (H, W))
         onnx_codes = {rec["module"]: pout[f"probe/{rec['module']}"] for rec in records["acts"]}
         # the probe copy's own final outputs: the forced codes are that session's, whose kernels may differ
         layer.add(pout, pout, records, forced_forward(model, x, onnx_codes, records), (H, W))
@@ -333,26 +334,57 @@ def _with_probes(proto: onnx.ModelProto, records: dict) -> onnx.ModelProto:
                                            to=TensorProto.INT32))
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT32, None))
     existing = {o.name for o in graph.output}
-    for tensor in records["tensors"].values():
+    for key, tensor in records["tensors"].items():
         if tensor not in existing:
-            graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+            dtype = TensorProto.INT64 if key == "topk_index" else TensorProto.FLOAT
+            graph.output.append(helper.make_tensor_value_info(tensor, dtype, None))
     return probe
 
 
 def _heads(out: dict, pout: dict, records: dict, ref: dict, size: tuple[int, int]):
     """((probabilities, reference), (normalised cxcywh boxes, reference)) from the probe copy's head tensors
-    and from the deployed graph's outputs (scores are the max probability over real classes)."""
+    and from the deployed graph's outputs (scores: the max probability over real classes, or with sigmoid
+    top-k post-processing the probabilities the graph's top-k picked)."""
     tensors = records["tensors"]
     prob, box = ref["prob"], ref["boxes"]
     logits = pout[tensors.get("pred_logits", "pred_logits")]
-    yield (_softmax(logits), prob), (pout[tensors.get("pred_boxes", "pred_boxes")], box)
-    if "scores" in out:
-        H, W = size
-        xyxy = out["boxes"] / np.array([W, H, W, H], np.float32)
-        cxcy, wh = (xyxy[..., :2] + xyxy[..., 2:]) / 2, xyxy[..., 2:] - xyxy[..., :2]
-        yield (out["scores"], prob[..., :-1].max(-1)), (np.concatenate([cxcy, wh], -1), box)
+    score = _sigmoid if records.get("class_score") == "sigmoid" else _softmax
+    yield (score(logits), prob), (pout[tensors.get("pred_boxes", "pred_boxes")], box)
+    if "scores" not in out:
+        yield (score(out["pred_logits"]), prob), (out["pred_boxes"], box)
+    elif "topk_index" in tensors:
+        # the probe copy's picks (its top-k index), each against the reference at the same flat index; the
+        # deployed graph's sorted scores against the reference's top-k, and its boxes against the probe's
+        index = pout[tensors["topk_index"]]
+        flat = prob.reshape(len(prob), -1)
+        query = (index // prob.shape[-1])[..., None].repeat(4, -1)
+        yield ((pout["scores"], np.take_along_axis(flat, index, 1)),
+               (_cxcywh(pout["boxes"], size), np.take_along_axis(box, query, 1)))
+        top = -np.sort(-flat, axis=1)[:, :index.shape[1]]
+        yield (out["scores"], top), (_cxcywh(out["boxes"], size), _cxcywh(pout["boxes"], size))
     else:
-        yield (_softmax(out["pred_logits"]), prob), (out["pred_boxes"], box)
+        yield (out["scores"], prob[..., :-1].max(-1)), (_cxcywh(out["boxes"], size), box)
+
+
+def _cxcywh(xyxy_pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Post-processed boxes (xyxy in canvas pixels) -> normalised cx,cy,w,h."""
+    H, W = size
+    xyxy = xyxy_pixels / np.array([W, H, W, H], np.float32)
+    cxcy, wh = (xyxy[..., :2] + xyxy[..., 2:]) / 2, xyxy[..., 2:] - xyxy[..., :2]
+    return np.concatenate([cxcy, wh], -1)
+
+
+def _ref_labels(prob: np.ndarray, records: dict, out: dict) -> np.ndarray:
+    """The reference's labels in the graph's layout: the best real class per query, or the classes of the
+    top-k flattened sigmoid scores (ties in index order)."""
+    if "topk_index" not in records["tensors"]:
+        return prob[..., :-1].argmax(-1)
+    order = np.argsort(-prob.reshape(len(prob), -1), axis=1, kind="stable")[:, :out["labels"].shape[1]]
+    return order % prob.shape[-1]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1 / (1 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -394,7 +426,8 @@ def forced_forward(model: nn.Module, images: np.ndarray, onnx_codes: dict[str, n
     forced = {rec["module"]: (onnx_codes[rec["module"]], rec) for rec in records["acts"]
               if rec["module"] in onnx_codes}
     outputs: dict[str, torch.Tensor] = {}
-    res = _hooked_forward(model, images, forced, outputs if keep_outputs else None)
+    res = _hooked_forward(model, images, forced, outputs if keep_outputs else None,
+                          records.get("class_score", "softmax"))
     if keep_outputs:
         res["outputs"] = outputs
     return res
@@ -402,9 +435,10 @@ def forced_forward(model: nn.Module, images: np.ndarray, onnx_codes: dict[str, n
 
 @torch.no_grad()
 def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tuple[np.ndarray, dict]],
-                    outputs: dict | None) -> dict:
+                    outputs: dict | None, class_score: str = "softmax") -> dict:
     """``model`` on one batch with hooks on every ActQuantizer: its codes (from its input) are recorded;
-    where ``forced`` has the graph's codes, they replace the quantizer's output."""
+    where ``forced`` has the graph's codes, they replace the quantizer's output. ``class_score``: how the
+    logits become class probabilities ("softmax", DETR; "sigmoid", SMCA-DETR)."""
     model.eval()
     codes: dict[str, np.ndarray] = {}
 
@@ -433,8 +467,9 @@ def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tupl
     finally:
         for h in handles:
             h.remove()
-    return {"prob": res["pred_logits"].softmax(-1).numpy(), "boxes": res["pred_boxes"].numpy(),
-            "codes": codes}
+    logits = res["pred_logits"]
+    prob = logits.sigmoid() if class_score == "sigmoid" else logits.softmax(-1)
+    return {"prob": prob.numpy(), "boxes": res["pred_boxes"].numpy(), "codes": codes}
 
 
 def _to_torch_codes(onnx_codes: np.ndarray, rec: dict, shape: tuple[int, ...]) -> np.ndarray:
