@@ -46,23 +46,31 @@ from qdetr_deploy.errors import QDetrError
 @click.option("--check-criterion", type=click.Choice(["layer", "end-to-end"]), default="layer",
               show_default=True, help="--check: layer: every layer matches given the same quantized inputs; "
               "end-to-end: the whole network too.")
+@click.option("--bits", help="A released Q-DETR checkpoint's bits, 4-4-8 or 2-2-8 (its model-zoo files store "
+              "none).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def export_cmd(ckpt: str, out: str, opset: int | None, target: str, trt_version: str, trt_sm: str | None,
                image_size: tuple[int, int] | None, batch: int,
                dynamic_batch: bool, postprocess: bool, weight_container: str | None, conv_bias: str | None,
                strict_trt: bool,
                check: bool, check_images: str | None, tolerance: float, check_criterion: str,
-               trust_checkpoint: bool) -> None:
-    """Export CKPT (a quantized or float checkpoint) to an ONNX model for TARGET."""
+               bits: str | None, trust_checkpoint: bool) -> None:
+    """Export CKPT (a quantized or float checkpoint, or a released Q-DETR one) to an ONNX model for TARGET."""
     from qdetr_deploy.checkpoints import load_checkpoint
     from qdetr_deploy.export.calibration import list_images
     from qdetr_deploy.export.onnx_export import export_onnx
     from qdetr_deploy.io import check_output_path
+    from qdetr_deploy.quant import QuantConfig
+    from qdetr_deploy.released import FORMAT_NAME
 
     check_output_path(out)
     cc = _compute_capability(trt_sm)
     files = list_images(check_images, 16) if check and check_images else None
-    loaded = load_checkpoint(ckpt, trust=trust_checkpoint)
+    loaded = load_checkpoint(ckpt, trust=trust_checkpoint,
+                             quant_config=QuantConfig.from_bits(bits) if bits else None)
+    if bits and (loaded.meta or {}).get("source") != FORMAT_NAME:
+        raise QDetrError(f"--bits is for {FORMAT_NAME} checkpoints, which store no bit widths; quantize "
+                         "this one with qdetr-deploy quantize", ckpt)
     result = export_onnx(loaded, out, opset=opset, target=target, trt_version=trt_version,
                          image_size=tuple(image_size) if image_size else None, batch=batch,
                          dynamic_batch=dynamic_batch, postprocess=postprocess,
@@ -70,10 +78,24 @@ def export_cmd(ckpt: str, out: str, opset: int | None, target: str, trt_version:
     modes = ", ".join(f"{n} {m}" for m, n in sorted(result.act_modes.items())) or "no quantizers"
     click.echo(f"wrote {result.path} and {result.sidecar.name} ({result.metadata['bits']}, target {target}; "
                f"activation quantizers: {modes})")
-    for name, reason in result.fallbacks:
-        click.echo(f"  float fake-quant fallback {name}: {reason}")
+    _print_fallbacks(result.fallbacks)
     if check:
         _check(result, loaded.model, files, tolerance, check_criterion, trt_version, cc)
+
+
+def _print_fallbacks(fallbacks: list[tuple[str, str]], each: int = 8) -> None:
+    """One line per fallback, or per reason (with a count and the first names) when there are many."""
+    if len(fallbacks) <= each:
+        for name, reason in fallbacks:
+            click.echo(f"  float fake-quant fallback {name}: {reason}")
+        return
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in fallbacks:
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        more = f", ... ({len(names) - 2} more)" if len(names) > 2 else ""
+        click.echo(f"  float fake-quant fallback for {len(names)} quantizers ({', '.join(names[:2])}{more}): "
+                   f"{reason}")
 
 
 def _compute_capability(text: str | None) -> tuple[int, int] | None:
