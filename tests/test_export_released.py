@@ -1,7 +1,7 @@
 """ONNX export of the released Q-DETR SMCA-DETR (the fixture checkpoint,
 ../shared/data/qdetr_released_fixture/smca_small_4bit.pth; skipped when absent).
 
-128x128 canvases (a 4x4 feature map) and two coco128 images keep it fast. Float32 forwards of a 4-bit
+96x128 canvases (a 3x4 feature map) and two coco128 images keep it fast. Float32 forwards of a 4-bit
 network cannot be compared end to end (one code flipped by float summation order cascades, FIXTURE.md 3),
 so the bar is the per-layer check: every layer given the same quantized inputs (export/check.py).
 """
@@ -30,7 +30,7 @@ from qdetr_deploy.quant import QuantConfig
 from qdetr_deploy.released import released_quant_config
 from tests.conftest import shared_path
 
-SIZE = (128, 128)
+SIZE = (96, 128)  # not square: H and W (the reference scale, the grid) cannot be swapped unseen
 
 
 @pytest.fixture(scope="module")
