@@ -25,6 +25,7 @@ from qdetr_deploy.export.calibration import list_images, load_images
 from qdetr_deploy.export.check import check_onnx
 from qdetr_deploy.export.lower import missing_rules
 from qdetr_deploy.export.onnx_export import build_onnx, export_onnx
+from qdetr_deploy.export.trt_lint import lint_tensorrt
 from qdetr_deploy.models import build_model, get_preset, sigmoid_topk
 from qdetr_deploy.quant import QuantConfig
 from qdetr_deploy.released import released_quant_config
@@ -90,6 +91,9 @@ def test_released_export_matches_per_layer(released_file: Path, images: np.ndarr
         modes = result.act_modes
         assert modes["float"] == 72 and modes.get("qdq", 0) + modes.get("clip+qdq", 0) == 16, modes
         assert len(reasons) == 1
+        # what TensorRT could not take of this graph: the lint names the per-channel activation scales
+        flagged = {v.node for v in lint_tensorrt(result.path) if v.rule == "per-channel-activation"}
+        assert "backbone.0.body.layer1.0.conv1.act/QuantizeLinear" in flagged
     assert result.metadata["bits"] == bits and result.metadata["num_classes"] == 91
 
 
