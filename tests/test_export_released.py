@@ -95,6 +95,7 @@ def test_released_export_matches_per_layer(released_file: Path, images: np.ndarr
         flagged = {v.node for v in lint_tensorrt(result.path) if v.rule == "per-channel-activation"}
         assert "backbone.0.body.layer1.0.conv1.act/QuantizeLinear" in flagged
     assert result.metadata["bits"] == bits and result.metadata["num_classes"] == 91
+    assert result.metadata["scoring"] == "sigmoid"  # raw pred_logits: a sigmoid per slot (bench, predict)
 
 
 def test_strict_trt_refuses_per_channel_activations(released_file: Path, tmp_path: Path) -> None:

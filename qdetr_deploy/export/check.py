@@ -258,7 +258,7 @@ def check_onnx(onnx_path: str | os.PathLike, model: nn.Module, images: np.ndarra
         x = images[start:start + batch]
         out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
         pout = dict(zip([o.name for o in probe.get_outputs()], probe.run(None, {"images": x})))
-        own = _hooked_forward(model, x, {}, None, records.get("class_score", "softmax"))  # fake quant
+        own = _hooked_forward(model, x, {}, None, records.get("scoring", "softmax"))  # fake quant
         e2e.add(out, pout, records, own, (H, W))
         onnx_codes = {rec["module"]: pout[f"probe/{rec['module']}"] for rec in records["acts"]}
         # the probe copy's own final outputs: the forced codes are that session's, whose kernels may differ
@@ -348,7 +348,7 @@ def _heads(out: dict, pout: dict, records: dict, ref: dict, size: tuple[int, int
     tensors = records["tensors"]
     prob, box = ref["prob"], ref["boxes"]
     logits = pout[tensors.get("pred_logits", "pred_logits")]
-    score = _sigmoid if records.get("class_score") == "sigmoid" else _softmax
+    score = _sigmoid if records.get("scoring") == "sigmoid" else _softmax
     yield (score(logits), prob), (pout[tensors.get("pred_boxes", "pred_boxes")], box)
     if "scores" not in out:
         yield (score(out["pred_logits"]), prob), (out["pred_boxes"], box)
@@ -427,7 +427,7 @@ def forced_forward(model: nn.Module, images: np.ndarray, onnx_codes: dict[str, n
               if rec["module"] in onnx_codes}
     outputs: dict[str, torch.Tensor] = {}
     res = _hooked_forward(model, images, forced, outputs if keep_outputs else None,
-                          records.get("class_score", "softmax"))
+                          records.get("scoring", "softmax"))
     if keep_outputs:
         res["outputs"] = outputs
     return res
@@ -435,9 +435,9 @@ def forced_forward(model: nn.Module, images: np.ndarray, onnx_codes: dict[str, n
 
 @torch.no_grad()
 def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tuple[np.ndarray, dict]],
-                    outputs: dict | None, class_score: str = "softmax") -> dict:
+                    outputs: dict | None, scoring: str = "softmax") -> dict:
     """``model`` on one batch with hooks on every ActQuantizer: its codes (from its input) are recorded;
-    where ``forced`` has the graph's codes, they replace the quantizer's output. ``class_score``: how the
+    where ``forced`` has the graph's codes, they replace the quantizer's output. ``scoring``: how the
     logits become class probabilities ("softmax", DETR; "sigmoid", SMCA-DETR)."""
     model.eval()
     codes: dict[str, np.ndarray] = {}
@@ -468,7 +468,7 @@ def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tupl
         for h in handles:
             h.remove()
     logits = res["pred_logits"]
-    prob = logits.sigmoid() if class_score == "sigmoid" else logits.softmax(-1)
+    prob = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
     return {"prob": prob.numpy(), "boxes": res["pred_boxes"].numpy(), "codes": codes}
 
 

@@ -35,7 +35,7 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower import LowerCtx, check_rules, lower
-from qdetr_deploy.export.lower.heads import CLASS_SCORE, POSTPROCESS
+from qdetr_deploy.export.lower.heads import POSTPROCESS, SCORING
 from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, check_trt_version, opset_range
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.quant.api import is_quantized
@@ -100,7 +100,7 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [b, 3, H, W])]
     outputs = [helper.make_tensor_value_info(n, t, s) for n, _, t, s in outs]
     onnx_model = g.model(inputs, outputs)
-    records = {**_records_json(ctx, internal), "class_score": CLASS_SCORE[type(model)]}
+    records = {**_records_json(ctx, internal), "scoring": SCORING[type(model)]}
     _set_props(onnx_model, {QUANTIZERS_KEY: json.dumps(records)})
     return onnx_model, ctx
 
@@ -145,7 +145,8 @@ def export_metadata(ckpt: Checkpoint, size: tuple[int, int], *, target: str, pos
         format=ONNX_FORMAT, input_size=size, class_names=class_names_of(cfg), category_ids=ckpt.category_ids,
         num_classes=cfg.num_classes, postprocess=postprocess, batch=batch, bits=qcfg.bits if qcfg else "fp32",
         quant_config=qcfg.to_dict() if qcfg else None, target=target,
-        source={"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)})
+        source={"path": str(ckpt.path), "sha256": sha256_file(ckpt.path)},
+        scoring=SCORING[type(ckpt.model)])  # how raw pred_logits become detections (bench, predict)
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -69,5 +69,6 @@ def to_pixels(ctx: LowerCtx, boxes: str, size: tuple[int, int], name: str) -> st
 #: post-processing in the graph by detector class: (ctx, model, logits, boxes, (H, W)) -> scores, labels,
 #: boxes (xyxy pixels)
 POSTPROCESS: dict[type, Callable[..., tuple[str, str, str]]] = {DETR: postprocess}
-#: how the detector's logits become class probabilities (the parity check compares those)
-CLASS_SCORE: dict[type, str] = {DETR: "softmax"}
+#: how the detector's logits become class probabilities: the export metadata's ``scoring`` (bench and
+#: predict read it for raw outputs) and the parity check's
+SCORING: dict[type, str] = {DETR: "softmax"}

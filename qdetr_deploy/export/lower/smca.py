@@ -16,7 +16,7 @@ from torch import nn
 
 from qdetr_deploy.export.folding import _np, act_quant, weight_dq
 from qdetr_deploy.export.lower.attention import PARTS, merge_heads, split_heads
-from qdetr_deploy.export.lower.heads import CLASS_SCORE, POSTPROCESS, to_pixels
+from qdetr_deploy.export.lower.heads import POSTPROCESS, SCORING, to_pixels
 from qdetr_deploy.export.lower.layers import linear, linear_as, matmul_bias
 from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
 from qdetr_deploy.export.lower.transformer import add_norm, ffn
@@ -213,4 +213,4 @@ def sigmoid_topk(ctx: LowerCtx, model: SMCADETR, logits: str, boxes: str, size: 
 
 
 POSTPROCESS[SMCADETR] = sigmoid_topk
-CLASS_SCORE[SMCADETR] = "sigmoid"
+SCORING[SMCADETR] = "sigmoid"
