@@ -71,15 +71,17 @@ def _must_lower(model: nn.Module) -> set[str]:
     return names
 
 
+@pytest.mark.parametrize("conv_bias", ["float", "int32"])
 @pytest.mark.parametrize("name", ["detr_tiny 4-4-8", "detr_r18 float", "detr_r18 4-4-8 residual_bits 8",
                                   "detr_r50 4-4-8"])
-def test_export_runs_each_module_through_its_rule(name: str) -> None:
+def test_export_runs_each_module_through_its_rule(name: str, conv_bias: str) -> None:
     """Building the graph calls the rule of every module that its parent's rule does not consume, each
-    once: the graph follows the model's modules, none skipped, none lowered twice."""
+    once: the graph follows the model's modules, none skipped, none lowered twice (with int32 conv biases
+    the tiny backbone is one chain of QLinearConvs, lowered by its body's rule)."""
     model = _build(*MODELS[name])
     for q in (m for m in model.modules() if isinstance(m, ActQuantizer)):
         q.init_state.fill_(1)  # step 1, zero point 0: enough to build the graph
-    _, ctx = build_onnx(model, SIZE)
+    _, ctx = build_onnx(model, SIZE, conv_bias=conv_bias)
     assert sorted(ctx.lowered) == sorted(_must_lower(model))
 
 

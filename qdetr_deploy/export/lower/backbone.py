@@ -78,6 +78,8 @@ def tiny_chain(ctx: LowerCtx, module: nn.Module, x: str, nxt: nn.Module | None) 
     stages = [(module.conv1, module.bn1, f"{name}.conv1", f"{name}.bn1", f"{name}.relu/Relu")]
     stages += [(layer[0], layer[1], f"{name}.{n}.0", f"{name}.{n}.1", f"{name}.{n}.2/Relu")
                for n, layer in module.named_children() if n.startswith("layer")]
+    layers = [layer for n, layer in module.named_children() if n.startswith("layer")]
+    ctx.mark_lowered(module.conv1, module.relu, *(m for layer in layers for m in (layer, layer[0], layer[2])))
     nxt_name = ctx.name(nxt) if nxt is not None else ""
     quantized = False
     for i, (conv, norm, cname, nname, relu) in enumerate(stages):

@@ -57,6 +57,11 @@ class LowerCtx(Ctx):
         """``module``'s name in the model being exported (``named_modules``)."""
         return self.names[module]
 
+    def mark_lowered(self, *modules: nn.Module) -> None:
+        """Record modules that a rule lowered itself, with the numeric rules, instead of through
+        :func:`lower` (their nodes are theirs all the same)."""
+        self.lowered.extend(self.names[m] for m in modules)
+
 
 def lower(ctx: LowerCtx, module: nn.Module, *inputs: Any, **options: Any) -> Any:
     """Lower ``module`` on graph tensors ``inputs`` with its registered rule; returns its output(s)."""
