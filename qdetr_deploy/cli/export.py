@@ -30,13 +30,15 @@ from qdetr_deploy.errors import QDetrError
 @click.option("--postprocess/--no-postprocess", default=True, show_default=True,
               help="scores/labels/boxes in the graph, or raw pred_logits/pred_boxes.")
 @click.option("--weight-container", type=click.Choice(["int4", "int8"]), default=None,
-              help="int4 (default): INT4 weights for <= 4 bits (tensorrt: only weight-only GEMM weights, "
-                   "block-quantized; all others INT8); int8: every weight (and activation) in 8-bit "
-                   "containers, which onnxruntime runs as integer kernels.")
+              help="int8 (onnxruntime's default): every weight (and activation) in 8-bit containers, which "
+                   "onnxruntime runs as integer kernels; int4 (tensorrt's default): INT4 weights for <= 4 "
+                   "bits, the smallest file (opset 21; tensorrt: only weight-only GEMM weights, "
+                   "block-quantized; all others INT8).")
 @click.option("--conv-bias", type=click.Choice(["float", "int32"]), default=None,
-              help="onnxruntime: int32 puts conv biases on the int32 x_step*w_step grid where the conv can "
-                   "run as QLinearConv (bias moves by <= half a grid step; --check compares against the same "
-                   "rounding); float (default): exact separate bias Add.")
+              help="int32 (onnxruntime's default): conv biases on the int32 x_step*w_step grid where the "
+                   "conv can run as QLinearConv: exact for a student quantized with --conv-bias int32 "
+                   "(quantize's default preset), else rounded by <= half a grid step (reported; --check "
+                   "compares against the same rounding); float (tensorrt's default): exact bias Add.")
 @click.option("--strict-trt", is_flag=True, help="tensorrt: refuse instead of writing float fake-quant "
               "fallbacks for quantizers int8 Q/DQ cannot express.")
 @click.option("--check", is_flag=True, help="Compare ONNX Runtime with PyTorch fake-quant after writing.")
@@ -78,6 +80,9 @@ def export_cmd(ckpt: str, out: str, opset: int | None, target: str, trt_version:
     modes = ", ".join(f"{n} {m}" for m, n in sorted(result.act_modes.items())) or "no quantizers"
     click.echo(f"wrote {result.path} and {result.sidecar.name} ({result.metadata['bits']}, target {target}; "
                f"activation quantizers: {modes})")
+    if result.rounded_biases:
+        click.echo(f"  {len(result.rounded_biases)} conv biases rounded onto the int32 grid (the student was "
+                   f"not quantized with --conv-bias int32; --check compares against the rounded model)")
     _print_fallbacks(result.fallbacks)
     if check:
         _check(result, loaded.model, files, tolerance, check_criterion, trt_version, cc)

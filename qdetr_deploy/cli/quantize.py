@@ -23,26 +23,35 @@ import click
               show_default=True, help="Activation steps per tensor (deployable everywhere) or per channel.")
 @click.option("--da", type=click.Choice(["none", "self", "cross", "both"]), default="self", show_default=True,
               help="Distribution alignment of decoder queries.")
-@click.option("--residual-bits", type=click.Choice(["none", "8"]), default="none", show_default=True,
-              help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
-                   "kernels in ONNX Runtime/TensorRT; none: the paper's full-precision residual adds).")
-@click.option("--zero-points", "act_zero_point", type=click.Choice(["learned", "zero"]), default="learned",
+@click.option("--preset", type=click.Choice(["onnxruntime", "paper"]), default="onnxruntime",
               show_default=True,
-              help="Activation zero points: learned (LSQ+, the paper) or zero, with 8-bit activations signed "
-                   "(every activation then exports to TensorRT int8 exactly).")
+              help="onnxruntime: --residual-bits 8 --conv-bias int32 (the fast ONNX Runtime graph, exported "
+                   "exactly); paper: the Q-DETR placement exactly. The options below override it.")
+@click.option("--residual-bits", type=click.Choice(["none", "8"]), default=None,
+              help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
+                   "kernels in ONNX Runtime/TensorRT; none: the paper's full-precision residual adds). "
+                   "Default: the preset's.")
+@click.option("--conv-bias", type=click.Choice(["float", "int32"]), default=None,
+              help="int32: conv biases (batch norms folded) fake-quantized on the int32 grid of ONNX "
+                   "Runtime's QLinearConv, so the export needs no rounding; float: the paper. Default: the "
+                   "preset's.")
+@click.option("--zero-points", "act_zero_point", type=click.Choice(["learned", "zero"]), default=None,
+              help="Activation zero points: learned (LSQ+, the paper; the default) or zero, with 8-bit "
+                   "activations signed (every activation then exports to TensorRT int8 exactly).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
-                 residual_bits: str, act_zero_point: str, trust_checkpoint: bool) -> None:
+                 preset: str, residual_bits: str | None, conv_bias: str | None, act_zero_point: str | None,
+                 trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
     from qdetr_deploy.pipeline import quantize_checkpoint
 
     path = quantize_checkpoint(teacher, out, bits=bits, calib=calib, calib_size=calib_size, method=method,
                                image_size=tuple(image_size), batch_size=batch_size,
                                act_granularity=act_granularity, da=da, trust=trust_checkpoint,
-                               residual_bits=None if residual_bits == "none" else int(residual_bits),
+                               preset=preset, residual_bits=residual_bits, conv_bias=conv_bias,
                                act_zero_point=act_zero_point)
-    click.echo(f"wrote {path} ({bits}, calibrated with {method})")
+    click.echo(f"wrote {path} ({bits}, preset {preset}, calibrated with {method})")
 
 
 COMMANDS = [quantize_cmd]

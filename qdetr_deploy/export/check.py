@@ -397,7 +397,7 @@ def as_exported(model: nn.Module, records: dict) -> nn.Module:
     """``model``, or a copy with the conv biases the export rounded onto the int32 grid (conv_bias="int32":
     ``records["bias_deltas"]``, the delta added to the ``bias`` of the conv's batch norm or of the conv)."""
     deltas = records.get("bias_deltas") or {}
-    if not deltas:
+    if not any(any(entry["delta"]) for entry in deltas.values()):  # none, or all 0 (QuantConfig.conv_bias)
         return model
     model = copy.deepcopy(model)
     for entry in deltas.values():

@@ -24,7 +24,9 @@ becomes which nodes is theirs. Conventions (docs/ARCHITECTURE.md "ONNX model"; Q
   its ReLU output quantized at once: ``Conv -> Relu -> QuantizeLinear`` (uint8, zero point 0, the next
   quantizer's step), which onnxruntime fuses into QLinearConv. Rounding the bias onto the grid moves it
   by <= 0.5 * x_step * w_step; the change is recorded (``Ctx.bias_deltas``) so the parity check can apply
-  it to the PyTorch model. Everything else keeps the exact float bias (a separate Add).
+  it to the PyTorch model. A model quantized with ``QuantConfig.conv_bias="int32"`` carries its folded
+  biases on that grid already (:func:`norm_affine` reads them, quant/int_bias.py): the rounding moves
+  nothing and every delta is 0. Everything else keeps the exact float bias (a separate Add).
 - Linear biases are [1,N] initializers: a 1-D bias lets onnxruntime fuse MatMul+Add into a float Gemm
   before its Q/DQ fusion, which would keep the layer out of MatMulIntegerToFloat.
 - DA, LayerNorm, softmax, residual adds and the heads stay float. A residual-branch quantizer
@@ -43,7 +45,7 @@ from torch import nn
 
 from qdetr_deploy.export.graph import DTYPE_NAMES, INT_DTYPES, ActRecord, GraphBuilder
 from qdetr_deploy.export.trt_weights import blocked_int4_dq, int4_block
-from qdetr_deploy.models.backbone import batchnorm_affine
+from qdetr_deploy.quant.int_bias import deployed_affine
 from qdetr_deploy.quant.modules import QuantConv2d
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
@@ -198,10 +200,11 @@ def weight_dq(ctx: Ctx, codes: np.ndarray, step: np.ndarray, bits: int, name: st
 
 
 def norm_affine(norm: nn.Module | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(scale, shift) per channel of an eval-mode BatchNorm2d / FrozenBatchNorm2d, as numpy."""
+    """(scale, shift) per channel of an eval-mode BatchNorm2d / FrozenBatchNorm2d, as numpy (the shift
+    already on the int32 grid where the model carries it: QuantConfig.conv_bias="int32")."""
     if norm is None:
         return None
-    scale, shift = batchnorm_affine(norm)
+    scale, shift = deployed_affine(norm)
     return _np(scale), _np(shift)
 
 

@@ -44,7 +44,10 @@ QUANTIZERS_KEY = "qdetr_quantizers"  # where each activation quantizer's codes l
 MIN_OPSET, MAX_OPSET, INT4_OPSET = 17, 21, 21
 DEFAULT_OPSET = 21
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit, with a margin
-DEFAULT_CONV_BIAS = {"onnxruntime": "float", "tensorrt": "float"}
+# The fast flags are the defaults (docs/BENCHMARKS.md): for onnxruntime every weight in an 8-bit container
+# (integer kernels; "int4" is the smallest file) and conv biases on the int32 grid (QLinearConv).
+DEFAULT_CONV_BIAS = {"onnxruntime": "int32", "tensorrt": "float"}
+DEFAULT_CONTAINER = {"onnxruntime": "int8", "tensorrt": "int4"}
 
 
 @dataclass
@@ -56,6 +59,8 @@ class ExportResult:
     metadata: dict[str, Any]
     fallbacks: list[tuple[str, str]] = field(default_factory=list)
     act_modes: dict[str, int] = field(default_factory=dict)
+    #: convs whose bias the int32 export moved (a model without QuantConfig.conv_bias="int32")
+    rounded_biases: list[str] = field(default_factory=list)
 
 
 def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | None = None,
@@ -66,9 +71,11 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
 
     ``opset`` None: :func:`default_opset` (the tensorrt target: the highest ``trt_version`` documents, at
     most 21). ``batch=None`` makes the batch dimension dynamic. ``conv_bias``: "float" (exact separate bias
-    Add) or "int32" (onnxruntime: conv biases rounded onto the int32 grid where the conv can become
-    QLinearConv; folding.conv_relu_quant); None: the target's default (:data:`DEFAULT_CONV_BIAS`). Returns
-    the model (no metadata yet) and the build context (activation records, fallbacks).
+    Add) or "int32" (onnxruntime: conv biases on the int32 grid where the conv can become QLinearConv,
+    folding.conv_relu_quant; exact for a model quantized with QuantConfig.conv_bias="int32", rounded and
+    recorded otherwise); None: the target's default (:data:`DEFAULT_CONV_BIAS`). ``weight_container``
+    None: the target's default (:data:`DEFAULT_CONTAINER`). Returns the model (no metadata yet) and the
+    build context (activation records, fallbacks).
     """
     opset = opset or default_opset(target, trt_version)
     container = _check_options(model, opset, target, weight_container)
@@ -134,7 +141,8 @@ def export_onnx(checkpoint: str | os.PathLike | Checkpoint, output: str | os.Pat
     modes: dict[str, int] = {}
     for r in ctx.g.acts:
         modes[r.mode] = modes.get(r.mode, 0) + 1
-    return ExportResult(output, sidecar, metadata, list(ctx.fallbacks), modes)
+    rounded = [conv for conv, (_, delta) in ctx.bias_deltas.items() if any(delta)]
+    return ExportResult(output, sidecar, metadata, list(ctx.fallbacks), modes, rounded)
 
 
 def export_metadata(ckpt: Checkpoint, size: tuple[int, int], *, target: str, postprocess: bool,
@@ -189,7 +197,7 @@ def _check_options(model: nn.Module, opset: int, target: str, container: str | N
         raise QDetrError(f"unknown weight container {container!r}: use int4 or int8")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise QDetrError(f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
-    container = container or "int4"
+    container = container or DEFAULT_CONTAINER[target]
     low_bits = [name for name, m in model.named_modules() if getattr(m, "w_bits", 8) <= 4]
     if container == "int4" and low_bits and opset < INT4_OPSET and target != "tensorrt":
         raise QDetrError(f"opset {opset} has no INT4 tensors but {low_bits[0]} has <= 4-bit weights: "

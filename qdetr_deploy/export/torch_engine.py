@@ -58,12 +58,13 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.torch_engine_smca import SMCAEngineModule
 from qdetr_deploy.io import atomic_path, check_output_path
 from qdetr_deploy.models.attention import MultiheadAttention
-from qdetr_deploy.models.backbone import FrozenBatchNorm2d, batchnorm_affine, output_size
+from qdetr_deploy.models.backbone import FrozenBatchNorm2d, output_size
 from qdetr_deploy.models.postprocess import postprocess
 from qdetr_deploy.models.smca_detr import SMCADETR
 from qdetr_deploy.quant.align import DistributionAlignment
 from qdetr_deploy.quant.api import is_quantized
 from qdetr_deploy.quant.config import QuantConfig
+from qdetr_deploy.quant.int_bias import _IntBiasMixin, deployed_affine
 from qdetr_deploy.quant.modules import QuantConv2d, QuantLinear, QuantMultiheadAttention, WeightQuantLinear
 from qdetr_deploy.quant.quantizers import ActQuantizer
 
@@ -138,6 +139,22 @@ class Float32(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x.float()).to(x.dtype)
+
+
+class FoldedNorm(nn.Module):
+    """A frozen batch norm as deployed, ``x * scale + shift`` (int-bias norms after fake-quant convs:
+    QuantConfig.conv_bias="int32"), then its residual-branch quantizer when it has one."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        scale, shift = deployed_affine(norm)
+        self.register_buffer("scale", scale.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.reshape(1, -1, 1, 1).clone())
+        out_act = getattr(norm, "out_act", None)
+        self.out_act = FakeQuantAct(out_act) if out_act is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_act(x * self.scale.to(x.dtype) + self.shift.to(x.dtype))
 
 
 class FakeQuantLayer(nn.Module):
@@ -338,7 +355,7 @@ def _convert_conv(parent: nn.Module, child: str, name: str, bits: int, conv: Con
     affine = None
     if norm_name is not None:  # any sign folds: the epilogue scales the integer result, no codes
         norm = parent._modules[norm_name]
-        affine = batchnorm_affine(norm)
+        affine = deployed_affine(norm)  # the shift on the int32 grid where the model carries it
         out_act = getattr(norm, "out_act", None)  # a residual-branch quantizer stays after the conv
         parent._modules[norm_name] = FakeQuantAct(out_act) if out_act is not None else nn.Identity()
     conv.int_layers.append(name)
@@ -366,6 +383,10 @@ def convert_model(model: nn.Module, bits: int = 4) -> Conversion:
                 parent._modules[child] = _convert_weight_only(module, name, conv)
             else:
                 parent._modules[child] = _convert_attention(module, name, bits, conv)
+    for name, module in list(model.named_modules()):  # int-bias norms after fake-quant convs: frozen
+        if isinstance(module, _IntBiasMixin):
+            parent_name, _, child = name.rpartition(".")
+            model.get_submodule(parent_name)._modules[child] = FoldedNorm(module)
     _freeze_remaining(model)
     return conv
 

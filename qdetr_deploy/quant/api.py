@@ -5,7 +5,8 @@ transformer FFN linears and the attention projections at ``w_bits``/``a_bits``; 
 output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs, input_proj, heads) stay
 float, as do LayerNorm, softmax and residual adds (``config.residual_bits``: the residual branch of every
 ResNet block whose last conv is quantized gets per-tensor quantizers on its last batch norm's output and
-on its own output: both inputs of the next residual add).
+on its own output: both inputs of the next residual add; ``config.conv_bias="int32"``: the batch norm after
+every bias-free quantized conv rounds its folded bias onto the int32 grid, quant/int_bias.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from tqdm import tqdm
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models.attention import MultiheadAttention
+from qdetr_deploy.models.backbone import FrozenBatchNorm2d
 from qdetr_deploy.models.smca_detr import SMCADETR
 from qdetr_deploy.quant.config import QuantConfig
+from qdetr_deploy.quant.int_bias import quantize_bias
 from qdetr_deploy.quant.modules import (
     QuantConv2d,
     QuantLinear,
@@ -83,6 +86,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             if isinstance(getattr(block, f"conv{last}"), QuantConv2d):
                 quantize_output(getattr(block, f"bn{last}"), config.residual_bits, sign)
                 quantize_output(block, config.residual_bits, sign)
+    if config.conv_bias == "int32":
+        for conv, norm in list(conv_norm_pairs(model)):
+            if isinstance(conv, QuantConv2d) and conv.bias is None and conv.act.channel_dim is None:
+                quantize_bias(norm, conv)
     if config.act_zero_point == "zero":
         for _, q in act_quantizers(model):
             q.fix_zero_point()
@@ -95,6 +102,22 @@ def residual_blocks(model: nn.Module) -> Iterator[nn.Module]:
     for m in model.modules():
         if hasattr(m, "downsample") and hasattr(m, "conv2") and hasattr(m, "bn2"):
             yield m
+
+
+def conv_norm_pairs(model: nn.Module) -> Iterator[tuple[nn.Conv2d, nn.Module]]:
+    """(conv, the batch norm right after it) of ``model``: siblings named ``convN``/``bnN`` (ResNet, stem)
+    or consecutive in a Sequential (the tiny backbone's ``layerN.0``/``layerN.1``, downsample ``0``/``1``)."""
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for name, child in children.items():
+            if not isinstance(child, nn.Conv2d):
+                continue
+            if name.startswith("conv"):
+                norm = children.get(f"bn{name[4:]}")
+            else:
+                norm = children.get(str(int(name) + 1)) if name.isdigit() else None
+            if isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                yield child, norm
 
 
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:

@@ -13,6 +13,15 @@ DA_PLACEMENTS = ("none", "self", "cross", "both")
 GRANULARITIES = ("tensor", "channel")
 SIGN_RULES = ("auto", "signed")
 ZERO_POINTS = ("learned", "zero")
+CONV_BIASES = ("float", "int32")
+# Deployment presets (``quantize --preset``): QuantConfig fields on top of the paper's placement.
+# "onnxruntime": both inputs of every ResNet residual add at 8 bits and conv biases on the int32 grid, so
+# that ONNX Runtime runs every backbone conv but the full-precision ones as QLinearConv and the adds as
+# QLinearAdd, and the export equals the model exactly (docs/BENCHMARKS.md). "paper": QDETR_METHOD.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "onnxruntime": {"residual_bits": 8, "conv_bias": "int32"},
+}
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
 # LayerNorm, softmax and residual adds are never swapped (``residual_bits`` adds input quantizers to the
@@ -51,6 +60,11 @@ class QuantConfig:
         output (the unsigned block output has no int8 zero-point-0 form: the TensorRT export writes it as
         exact float fake quantization). It changes the model (two more 8-bit roundings per block), so
         choose it before distillation.
+    conv_bias: "float" (the paper) or "int32": the batch norm after every bias-free quantized conv with a
+        per-tensor input quantizer fake-quantizes its folded bias on the int32 grid x_step * w_step *
+        gamma/sigma (quant/int_bias.py), the bias ONNX Runtime's QLinearConv adds; the onnxruntime export
+        then needs no rounding of its own (parity exact). A deployment option: choose it before
+        distillation.
     fp_modules: fnmatch patterns of module names that stay full precision.
     """
 
@@ -63,6 +77,7 @@ class QuantConfig:
     stem_bits: int = 8
     residual_bits: int | None = None
     act_zero_point: str = "learned"
+    conv_bias: str = "float"
     fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
 
     def __post_init__(self) -> None:
@@ -78,6 +93,7 @@ class QuantConfig:
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
         _check_choice("act_sign", self.act_sign, SIGN_RULES)
         _check_choice("act_zero_point", self.act_zero_point, ZERO_POINTS)
+        _check_choice("conv_bias", self.conv_bias, CONV_BIASES)
 
     @classmethod
     def from_bits(cls, bits: str, **kwargs: Any) -> QuantConfig:
@@ -87,6 +103,18 @@ class QuantConfig:
             raise QDetrError(f"bits {bits!r} must look like W-A-ATTN, e.g. 4-4-8")
         w, a, attn = (int(p) for p in parts)
         return cls(w_bits=w, a_bits=a, attn_bits=attn, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str, bits: str = "4-4-8", **kwargs: Any) -> QuantConfig:
+        """``QuantConfig.from_preset("onnxruntime", "4-4-8")``: a :data:`PRESETS` entry; ``kwargs`` that are
+        not None override it (``residual_bits`` may be given as "none" or "8", as on the command line)."""
+        if preset not in PRESETS:
+            raise QDetrError(f"unknown preset {preset!r}: choose one of {list(PRESETS)}")
+        overrides = {k: v for k, v in kwargs.items() if v is not None}
+        if isinstance(overrides.get("residual_bits"), str):
+            rb = overrides["residual_bits"]
+            overrides["residual_bits"] = None if rb == "none" else int(rb) if rb.isdigit() else rb
+        return cls.from_bits(bits, **{**PRESETS[preset], **overrides})
 
     @property
     def bits(self) -> str:
