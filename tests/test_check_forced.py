@@ -38,9 +38,10 @@ def quantized_tiny(seed: int = 0, **kwargs) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
-    """(model, its checkpoint, a clean export with static batch 2)."""
+    """(model, its checkpoint, a clean export with static batch 2: the default flags, int8 container and
+    conv biases on the int32 grid, which the model carries itself)."""
     root = tmp_path_factory.mktemp("forced")
-    model = quantized_tiny()
+    model = quantized_tiny(conv_bias="int32")
     ckpt = save_checkpoint(model, root / "tiny.safetensors", category_ids=[1, 2, 3],
                            meta={"stage": "quantized", "calibration": {"image_size": list(SIZE)}})
     result = export_onnx(load_checkpoint(ckpt), root / "clean.onnx", batch=2)
@@ -141,8 +142,10 @@ def test_clean_export_passes_both_criteria(exported) -> None:
 def test_a_few_flipped_codes_cascade_end_to_end_but_not_per_layer(exported, tmp_path: Path) -> None:
     """Nudge conv1's bias (channel 0) by the smallest amount that flips a few codes of the next quantizer
     (the stand-in for a value within float rounding of a code boundary): end to end the flips cascade through
-    the 4-bit network, per layer only those codes differ and every layer matches."""
-    model, _, path = exported
+    the 4-bit network, per layer only those codes differ and every layer matches. (The float-bias export:
+    with the default int32 bias, conv1's bias is an integer initializer.)"""
+    model, ckpt, _ = exported
+    path = export_onnx(load_checkpoint(ckpt), tmp_path / "float_bias.onnx", batch=2, conv_bias="float").path
     proto = onnx.load(str(path))
     scale = next(t for t in proto.graph.initializer if t.name == f"{EARLY}.scale")
     step = float(numpy_helper.to_array(scale))

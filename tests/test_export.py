@@ -98,7 +98,7 @@ def test_export_reproduces_pytorch(students: dict[str, Path], bits: str, target:
     assert report.code_agreement >= 0.999 and report.codes_compared > 100_000
     model = onnx.load(str(result.path))
     int4 = [t.name for t in model.graph.initializer if t.data_type == TensorProto.INT4]
-    assert bool(int4) == (bits != "8-8-8" and target == "onnxruntime")  # TensorRT: INT8 weights
+    assert not int4  # onnxruntime's default container is int8; TensorRT: INT8 weights
     if target == "tensorrt":
         assert report.lint == [] and model.opset_import[0].version == 20  # TensorRT 10.3's last opset
         assert all(reason for _, reason in result.fallbacks)
@@ -378,12 +378,16 @@ def test_int32_conv_bias_parity_and_qlinearconv(students: dict[str, Path], bits:
     assert rows["backbone.0.body.layer3.0/Conv"]["op_type"] == "Conv"
 
 
-def test_int32_conv_bias_rounding_is_bounded_and_float_is_default(students: dict[str, Path]) -> None:
+def test_int32_conv_bias_rounding_is_bounded_and_int32_int8_are_the_default(students: dict[str, Path]) -> None:
+    """A student quantized without QuantConfig.conv_bias still exports with int32 biases (the default for
+    onnxruntime, with the int8 container): rounded by at most half a grid step, the deltas recorded."""
     model = load_checkpoint(students["4-4-8"]).model
-    default, _ = build_onnx(model, SIZE, weight_container="int8")
-    explicit, _ = build_onnx(model, SIZE, weight_container="int8", conv_bias="float")
+    default, _ = build_onnx(model, SIZE)
+    explicit, _ = build_onnx(model, SIZE, weight_container="int8", conv_bias="int32")
     assert default.graph == explicit.graph
-    assert not any(n.op_type == "QuantizeLinear" and "output" in n.name for n in default.graph.node)
+    trt_default, _ = build_onnx(model, SIZE, target="tensorrt")
+    trt_explicit, _ = build_onnx(model, SIZE, target="tensorrt", weight_container="int4", conv_bias="float")
+    assert trt_default.graph == trt_explicit.graph
     proto, ctx = build_onnx(model, SIZE, weight_container="int8", conv_bias="int32")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert set(ctx.bias_deltas) == set(INT_CONVS)
@@ -391,6 +395,7 @@ def test_int32_conv_bias_rounding_is_bounded_and_float_is_default(students: dict
         grid = inits[f"{conv}.bias_scale"].astype(np.float64)  # x_step * folded w_step, per channel
         assert np.all(np.abs(delta) <= 0.5 * grid * (1 + 1e-6) + 1e-12), conv
         assert module.endswith((".bn1", ".1"))  # the batch norm's bias takes the delta
+        assert any(delta), conv  # the float biases of this model are off the grid
     with pytest.raises(Exception, match="onnxruntime target"):
         build_onnx(model, SIZE, target="tensorrt", conv_bias="int32")
     result = CliRunner().invoke(cli, ["export", str(students["4-4-8"]), "-o", "/nonexistent/x.onnx",
@@ -398,9 +403,36 @@ def test_int32_conv_bias_rounding_is_bounded_and_float_is_default(students: dict
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize("bits", ["2-2-8", "4-4-8", "8-8-8"])
+def test_int32_bias_carried_by_the_model_exports_exactly(bits: str, tmp_path: Path) -> None:
+    """QuantConfig.conv_bias="int32": the batch norms after the quantized convs hold their folded bias on the
+    int32 grid, so the default export rounds nothing (every recorded delta is exactly 0, the int32 codes
+    times the grid give the model's bias bit for bit) and PyTorch and ONNX Runtime agree on every code."""
+    from qdetr_deploy.quant.int_bias import IntBiasBatchNorm2d, deployed_affine
+
+    model = quantized_tiny(bits, conv_bias="int32")
+    norms = {n for n, m in model.named_modules() if isinstance(m, IntBiasBatchNorm2d)}
+    assert norms == {"backbone.0.body.bn1", *(f"backbone.0.body.layer{i}.1" for i in (1, 2, 3))}
+    ckpt = load_checkpoint(save_student(model, tmp_path / "s.safetensors"))
+    assert ckpt.model.quant_config.conv_bias == "int32"
+    assert set(ckpt.model.state_dict()) == set(model.state_dict())  # no new state: upstream names
+    result = export_onnx(ckpt, tmp_path / "m.onnx", batch=2)
+    assert result.rounded_biases == []
+    records = json.loads(_props(result.path)[onnx_export.QUANTIZERS_KEY])
+    assert set(records["bias_deltas"]) == set(INT_CONVS)
+    assert all(d == 0.0 for e in records["bias_deltas"].values() for d in e["delta"])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(result.path)).graph.initializer}
+    for conv in INT_CONVS:
+        norm = ckpt.model.get_submodule(records["bias_deltas"][conv]["module"])
+        bias = inits[f"{conv}.bias_quantized"].astype(np.float32) * inits[f"{conv}.bias_scale"]
+        assert np.array_equal(bias, deployed_affine(norm)[1].numpy()), conv
+    report = check_onnx(result.path, ckpt.model, tolerance=1e-4)
+    assert report.passed and report.layer_code_agreement == 1.0, report.table()
+
+
 # --- QuantConfig.residual_bits: the last conv of a ResNet block on integer kernels ------------------------
 
-def _r18_residual(size: int) -> torch.nn.Module:
+def _r18_residual(size: int, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_detr(get_preset("detr_r18")).eval()
     with torch.no_grad():
@@ -409,7 +441,7 @@ def _r18_residual(size: int) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.3, 1.0)
                 m.bias.normal_(0, 0.05)
-    quantize(model, QuantConfig.from_bits("4-4-8", residual_bits=8))
+    quantize(model, QuantConfig.from_bits("4-4-8", residual_bits=8, **kwargs))
     return calibrate(model, [torch.randn(1, 3, size, size)], progress=False).eval()
 
 
@@ -424,7 +456,7 @@ def test_residual_quantizer_runs_every_block_conv_as_qlinearconv(tmp_path: Path)
         session_options,
     )
 
-    model = _r18_residual(64)
+    model = _r18_residual(64, conv_bias="int32")  # quantize --preset onnxruntime
     meta = {"calibration": {"image_size": [64, 64]}}
     path = save_checkpoint(model, tmp_path / "r18.safetensors", meta=meta)
     loaded = load_checkpoint(path)
@@ -433,10 +465,11 @@ def test_residual_quantizer_runs_every_block_conv_as_qlinearconv(tmp_path: Path)
     assert {"backbone.0.body.layer4.1.bn2.weight", "backbone.0.body.layer4.1.bn2.out_act.alpha"} <= set(keys)
     assert sum(k.endswith("bn2.out_act.alpha") for k in keys) == 8  # the branch of each BasicBlock
     assert sum(k.endswith(".out_act.alpha") and "bn" not in k for k in keys) == 8  # each block's output
-    result = export_onnx(loaded, tmp_path / "r18.onnx", weight_container="int8", conv_bias="int32")
+    result = export_onnx(loaded, tmp_path / "r18.onnx")  # the defaults: int8 container, int32 biases
     report = check_onnx(result.path, loaded.model, random_images(1, (64, 64), seed=3))
     assert report.passed, report.table()
     records = json.loads(_props(result.path)[onnx_export.QUANTIZERS_KEY])
+    assert records["bias_deltas"] and result.rounded_biases == []  # the model carries its int32 biases
     assert {n for n, why in records["int_convs"].items() if not why} == {
         f"backbone.0.body.layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)}
     so = session_options(1, "extended")

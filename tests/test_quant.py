@@ -196,3 +196,63 @@ def test_residual_quantizer_on_resnet_blocks() -> None:
     p = block.out_act.qparams()
     codes = out / p.step + p.zero_point
     assert not p.signed and torch.allclose(codes, codes.round(), atol=1e-3) and codes.max() <= p.qmax
+
+
+def test_presets_and_conv_bias_config() -> None:
+    """quantize --preset: "onnxruntime" = residual_bits 8 + conv_bias int32, "paper" = the method's placement;
+    explicit fields override the preset; checkpoints from before conv_bias load as "float"."""
+    ort_cfg = QuantConfig.from_preset("onnxruntime", "4-4-8")
+    assert (ort_cfg.residual_bits, ort_cfg.conv_bias, ort_cfg.act_zero_point) == (8, "int32", "learned")
+    assert QuantConfig.from_preset("paper", "4-4-8") == QuantConfig.from_bits("4-4-8")
+    over = QuantConfig.from_preset("onnxruntime", "8-8-8", residual_bits="none", conv_bias=None)
+    assert over.residual_bits is None and over.conv_bias == "int32" and over.bits == "8-8-8"
+    with pytest.raises(QDetrError, match="unknown preset"):
+        QuantConfig.from_preset("tflite")
+    with pytest.raises(QDetrError, match="conv_bias"):
+        QuantConfig(conv_bias="int16")
+    legacy = ort_cfg.to_dict()
+    del legacy["conv_bias"]
+    assert QuantConfig.from_dict(legacy).conv_bias == "float"
+
+
+def test_int32_conv_bias_on_the_grid_with_straight_through_gradient() -> None:
+    """conv_bias="int32": in eval mode the batch norm after a quantized conv outputs y * scale + b with b on
+    the grid x_step * w_step * scale (integer multiples); in training mode (batch statistics) it adds the
+    same rounding; the gradient reaches the batch norm's parameters straight through the rounding. Before
+    calibration (observing) the norm is transparent."""
+    from qdetr_deploy.quant.int_bias import IntBiasBatchNorm2d, bias_grid, deployed_affine
+
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_tiny")), QuantConfig.from_bits("4-4-8", conv_bias="int32"))
+    body = model.backbone[0].body
+    norm, conv = body.layer1[1], body.layer1[0]
+    assert isinstance(norm, IntBiasBatchNorm2d) and norm.bias_conv is conv
+    with torch.no_grad():
+        norm.running_mean.normal_(0, 0.1)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.bias.normal_(0, 0.2)
+    conv.act.start_observing()
+    assert bias_grid(norm) is None  # calibration: the float model
+    conv.act.observer = None
+    calibrate(model, [torch.randn(2, 3, 64, 64)], progress=False)
+    grid = bias_grid(norm)
+    scale, shift = deployed_affine(norm)
+    x = torch.randn(1, 64, 8, 8)
+    assert torch.equal(shift, torch.round(shift / grid) * grid) and not torch.equal(shift, norm.bias)
+    w_step = conv.alpha.detach().abs().reshape(-1)
+    assert torch.allclose(grid, conv.act.alpha.detach().abs() * w_step * scale)
+    model.eval()
+    assert torch.equal(norm(x), x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1))
+    model.train()
+    stats = norm.running_mean.clone()
+    plain = torch.nn.functional.batch_norm(x, stats.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+                                           True, norm.momentum, norm.eps)
+    out = norm(x)
+    with torch.no_grad():
+        exact = norm.bias - stats * scale  # the running-statistics fold before rounding
+    assert torch.allclose(out - plain, (shift - exact).reshape(1, -1, 1, 1).expand_as(out), atol=1e-6)
+    model.eval()
+    norm.zero_grad()
+    (norm(x) * torch.randn_like(x)).sum().backward()
+    assert norm.weight.grad is not None and norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0
+    assert conv.alpha.grad is None or conv.alpha.grad.abs().sum() == 0  # the grid is detached
