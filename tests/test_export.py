@@ -378,7 +378,7 @@ def test_int32_conv_bias_parity_and_qlinearconv(students: dict[str, Path], bits:
     assert rows["backbone.0.body.layer3.0/Conv"]["op_type"] == "Conv"
 
 
-def test_int32_conv_bias_rounding_is_bounded_and_int32_int8_are_the_default(students: dict[str, Path]) -> None:
+def test_int32_rounding_is_bounded_and_int32_int8_are_the_default(students: dict[str, Path]) -> None:
     """A student quantized without QuantConfig.conv_bias still exports with int32 biases (the default for
     onnxruntime, with the int8 container): rounded by at most half a grid step, the deltas recorded."""
     model = load_checkpoint(students["4-4-8"]).model
