@@ -30,7 +30,7 @@ def main() -> None:
     init = quantize_checkpoint(teacher["checkpoint"], args.out / "student_init.safetensors", bits="4-4-8",
                                calib=data["train_images"], calib_size=s.calib_size,
                                image_size=(s.image_size, s.image_size), batch_size=8, da="self",
-                               act_zero_point="zero", progress=False)
+                               preset="paper", act_zero_point="zero", progress=False)
     steps = s.student_max_steps
     epochs = max(1, -(-steps * s.batch_size // s.num_train))
     config = demo._train_config(data, args.out / "student", s, steps, epochs)

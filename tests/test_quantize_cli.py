@@ -47,6 +47,8 @@ def test_quantize_writes_calibrated_student(teacher: Path, calib_dir: Path, tmp_
     assert result.exit_code == 0, result.output + result.stderr
     ckpt = load_checkpoint(out)
     assert ckpt.quant_config.bits == "4-4-8" and ckpt.quant_config.da == "both"
+    # the default preset, onnxruntime: 8-bit residual adds and conv biases on the int32 grid
+    assert (ckpt.quant_config.residual_bits, ckpt.quant_config.conv_bias) == (8, "int32")
     assert all(q.initialised for _, q in act_quantizers(ckpt.model))
     assert ckpt.category_ids == [1, 3, 5]
     meta = ckpt.meta
@@ -67,19 +69,22 @@ def test_export_accepts_quantize_output_unchanged(teacher: Path, calib_dir: Path
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output + result.stderr
         assert "parity check PASSED on 5 images" in result.output
+        assert "rounded onto the int32 grid" not in result.output  # the student carries its int32 biases
         meta = json.loads((tmp_path / f"{target}.onnx.json").read_text())
         assert meta["input_size"] == [64, 64] and meta["bits"] == "4-4-8"
         assert meta["category_ids"] == [1, 3, 5]
 
 
 def test_quantize_deployment_options(teacher: Path, calib_dir: Path, tmp_path: Path) -> None:
-    """--zero-points zero and --residual-bits 8 reach the student's QuantConfig (the tiny model has no
-    ResNet blocks, so no residual quantizer appears) and the TensorRT export then needs no fallback."""
+    """--preset paper with --zero-points zero and --residual-bits 8: the options override the preset and
+    reach the student's QuantConfig (the tiny model has no ResNet blocks, so no residual quantizer
+    appears) and the TensorRT export then needs no fallback."""
     student = tmp_path / "student.safetensors"
-    result = _quantize(teacher, student, calib_dir, "--zero-points", "zero", "--residual-bits", "8")
+    result = _quantize(teacher, student, calib_dir, "--preset", "paper", "--zero-points", "zero",
+                       "--residual-bits", "8")
     assert result.exit_code == 0, result.output + result.stderr
     config = load_checkpoint(student).quant_config
-    assert config.act_zero_point == "zero" and config.residual_bits == 8
+    assert config.act_zero_point == "zero" and config.residual_bits == 8 and config.conv_bias == "float"
     out = tmp_path / "trt.onnx"
     result = CliRunner().invoke(cli, ["export", str(student), "-o", str(out), "--target", "tensorrt",
                                       "--strict-trt", "--check"])

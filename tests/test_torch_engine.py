@@ -211,7 +211,8 @@ def test_residual_quantizer_survives_conversion():
     block's output on the same input (a whole random R18 is compared per block: end to end, one code a
     float ulp across a rounding boundary cascades through 8 random blocks)."""
     torch.manual_seed(0)
-    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
+    # quantize's default preset: residual_bits 8 and conv biases on the int32 grid (QuantConfig.conv_bias)
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_preset("onnxruntime", "4-4-8"))
     calibrate(model, [torch.randn(1, 3, H, W)], progress=False)
     model.eval()
     engine_model = copy.deepcopy(model)
@@ -220,6 +221,8 @@ def test_residual_quantizer_survives_conversion():
     block = engine_model.backbone[0].body.layer1[0]
     assert type(block.bn2).__name__ == "FakeQuantAct" and type(block.bn1) is torch.nn.Identity
     assert type(block.out_act).__name__ == "FakeQuantAct"  # frozen: torch.export cannot trace a live one
+    # the 8-bit stem stays fake-quant; its int-bias batch norm is frozen as deployed
+    assert type(engine_model.backbone[0].body.bn1).__name__ == "FoldedNorm"
     x = torch.relu(torch.randn(1, 64, 16, 24))
     with torch.no_grad():
         want, got = model.backbone[0].body.layer1[0](x), block(x)
@@ -232,9 +235,10 @@ def test_residual_quantizer_survives_conversion():
 
 @pytest.mark.slow
 def test_residual_quantizer_engine_builds_and_runs(tmp_path):
-    """The whole GPU-engine build (torch.export) of a DETR-R18 with residual_bits=8, on the CPU."""
+    """The whole GPU-engine build (torch.export) of a DETR-R18 with quantize's default preset (residual_bits
+    8, int32 conv biases), on the CPU."""
     torch.manual_seed(0)
-    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_bits("4-4-8", residual_bits=8))
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_preset("onnxruntime", "4-4-8"))
     calibrate(model, [torch.randn(1, 3, H, W)], progress=False)
     out = build_torch_engine(_save(model.eval(), tmp_path / "r18.safetensors"), tmp_path / "r18.qdtorch", 4,
                              image_size=(H, W), batch=None, device="cpu", max_batch=2)
