@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from PIL import Image
 
+from qdetr_deploy.checkpoints import load_checkpoint
 from qdetr_deploy.cli import cli
 
 
@@ -21,7 +22,12 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path: Path) -> None:
     assert summary["rows"][1]["size_mb"] < summary["rows"][0]["size_mb"] / 4
     for name in ("teacher", "student"):
         assert summary["exports"][name]["check_passed"], summary["exports"][name]
+    assert "latency p50 at 320x320 (ms)" in result.output  # the same checkpoints where the kernels matter
+    assert all(r["speed_p50_ms"] > 0 for r in summary["rows"])
+    student = load_checkpoint(workdir / "student" / "checkpoint.safetensors")
+    assert student.quant_config.conv_bias == "int32"  # quantize's default preset: exact int32 biases
     for artefact in ("teacher.onnx", "student.onnx", "student.ortengine", "report/bench.md",
+                     "teacher_320.onnx", "student_320.onnx",
                      "report/latency.png", "report/ap_vs_latency.png", "report/predict/detections.json"):
         assert (workdir / artefact).is_file(), artefact
     with Image.open(summary["picture"]) as picture:  # the 4-bit engine's detections, drawn
