@@ -378,9 +378,11 @@ def test_int32_conv_bias_parity_and_qlinearconv(students: dict[str, Path], bits:
     assert rows["backbone.0.body.layer3.0/Conv"]["op_type"] == "Conv"
 
 
-def test_int32_rounding_is_bounded_and_int32_int8_are_the_default(students: dict[str, Path]) -> None:
+def test_int32_rounding_is_bounded_and_int32_int8_are_the_default(students: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
     """A student quantized without QuantConfig.conv_bias still exports with int32 biases (the default for
-    onnxruntime, with the int8 container): rounded by at most half a grid step, the deltas recorded."""
+    onnxruntime, with the int8 container): rounded by at most half a grid step, the deltas recorded, and
+    the CLI says so."""
     model = load_checkpoint(students["4-4-8"]).model
     default, _ = build_onnx(model, SIZE)
     explicit, _ = build_onnx(model, SIZE, weight_container="int8", conv_bias="int32")
@@ -398,6 +400,9 @@ def test_int32_rounding_is_bounded_and_int32_int8_are_the_default(students: dict
         assert any(delta), conv  # the float biases of this model are off the grid
     with pytest.raises(Exception, match="onnxruntime target"):
         build_onnx(model, SIZE, target="tensorrt", conv_bias="int32")
+    result = CliRunner().invoke(cli, ["export", str(students["4-4-8"]), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "3 conv biases rounded onto the int32 grid" in result.output
     result = CliRunner().invoke(cli, ["export", str(students["4-4-8"]), "-o", "/nonexistent/x.onnx",
                                       "--conv-bias", "bogus"])
     assert result.exit_code == 2

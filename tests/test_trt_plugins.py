@@ -47,13 +47,14 @@ H, W = 64, 96
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
-    """A calibrated 4-4-8 detr_tiny exported for TensorRT (zero-point-0 int8 Q/DQ) and onnxruntime."""
+    """A calibrated 4-4-8 detr_tiny exported for TensorRT (zero-point-0 int8 Q/DQ) and onnxruntime, both with
+    INT4 weights (tensorrt's default container; onnxruntime's default is int8)."""
     d = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
     model = quantize(build_detr(get_preset("detr_tiny")), QuantConfig.from_bits("4-4-8"))
     calibrate(model, [torch.randn(2, 3, H, W) for _ in range(2)], progress=False)
     ckpt = save_checkpoint(model.eval(), d / "q.safetensors")
-    return {t: export_onnx(ckpt, d / f"{t}.onnx", target=t, image_size=(H, W)).path
+    return {t: export_onnx(ckpt, d / f"{t}.onnx", target=t, image_size=(H, W), weight_container="int4").path
             for t in ("tensorrt", "onnxruntime")}
 
 
