@@ -110,6 +110,23 @@ def ours(fp: torch.nn.Module, bits: str, size: int, calib: np.ndarray,
     return save_onnx(proto, out), q
 
 
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger",
+               "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearConcat", "QLinearSigmoid",
+               "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearReduceMean")
+
+
+def composition(path: Path, tmp: Path, threads: int) -> dict[str, int]:
+    """Node counts of the graph as onnxruntime optimises it (level "extended"): integer kernels, float
+    convs/matmuls, QuantizeLinear/DequantizeLinear, and all nodes."""
+    so = session_options(threads, "extended")
+    so.optimized_model_filepath = str(tmp / f"{path.stem}.opt.onnx")
+    ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+    return {"integer": sum(op in INTEGER_OPS for op in ops),
+            "float": sum(op in ("Conv", "MatMul", "FusedMatMul", "Gemm", "FusedConv") for op in ops),
+            "qdq": sum(op in ("QuantizeLinear", "DequantizeLinear") for op in ops), "nodes": len(ops)}
+
+
 def drift(outputs: dict[str, list[dict]], size: int) -> dict[str, dict]:
     """Each graph's held-out outputs against fp32's."""
     ref = outputs["fp32"]
@@ -153,8 +170,10 @@ def bench_one(preset: str, size: int, files: list[Path], args: argparse.Namespac
         r = check_onnx(paths[f"ours {bits}"], q, held[:1], threads=args.threads)
         deltas = [abs(d) for e in bias_deltas(paths[f"ours {bits}"]).values() for d in e["delta"]]
         parity[f"ours {bits}"] = {"layer_codes": r.layer_code_agreement, "max_bias_delta": max(deltas or [0])}
+    graphs = {name: composition(p, tmp, args.threads) for name, p in paths.items()}
     print(f"{preset} {size}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return {"model": preset, "size": size, "median_ms": med, "drift": drift(outputs, size), "parity": parity,
+            "graphs": graphs,
             "mb": {n: p.stat().st_size / 1e6 for n, p in paths.items()}, "load": (load_before, load_after)}
 
 
@@ -175,16 +194,19 @@ def cpu_model() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | input | graph | size (MB) | median (ms) | speed-up vs fp32 | vs ORT u8s8 | drift "
-            "vs fp32: score mean / max | box mean | labels same | parity per layer (codes) / bias rounding |")
-    lines = [head, "|" + " --- |" * 10]
+    head = ("| model | input | graph | size (MB) | median (ms) | speed-up vs fp32 | vs ORT u8s8 | optimised "
+            "graph: integer / float conv+matmul / Q+DQ / all nodes | drift vs fp32: score mean / max | box "
+            "mean | labels same | parity per layer (codes) / bias rounding |")
+    lines = [head, "|" + " --- |" * 11]
     for r in rows:
         med, peer = r["median_ms"], r["median_ms"]["ort u8s8"]
         for name, ms in med.items():
             d, p = r["drift"][name], r["parity"].get(name)
             par = f"{100 * p['layer_codes']:.3f}% / {p['max_bias_delta']:.1e}" if p else "-"
+            c = r["graphs"][name]
             lines.append(f"| {r['model']} | {r['size']}x{r['size']} | {name} | {r['mb'][name]:.1f} | "
-                         f"{ms:.1f} | {med['fp32'] / ms:.2f}x | {peer / ms:.2f}x | {d['score_mean']:.4f} / "
+                         f"{ms:.1f} | {med['fp32'] / ms:.2f}x | {peer / ms:.2f}x | {c['integer']} / "
+                         f"{c['float']} / {c['qdq']} / {c['nodes']} | {d['score_mean']:.4f} / "
                          f"{d['score_max']:.3f} | {d['box_mean']:.4f} | {100 * d['labels_same']:.1f}% | "
                          f"{par} |")
     return "\n".join(lines)
