@@ -31,6 +31,8 @@ def quantize_smca(model: SMCADETR, config: QuantConfig) -> SMCADETR:
     """Swap the layers of a float SMCA-DETR for the released placement's quantized ones, in place."""
     if config.residual_bits is not None:
         raise QDetrError("residual_bits is for torchvision ResNet blocks; SMCA-DETR has no such option")
+    if config.conv_bias != "float":
+        raise QDetrError("conv_bias int32 is for ResNet and tiny backbones; SMCA-DETR has no such option")
     per_ch = config.act_granularity == "channel"
     sign = config.act_sign
 
