@@ -47,8 +47,8 @@ H, W = 64, 96
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
-    """A calibrated 4-4-8 detr_tiny exported for TensorRT (zero-point-0 int8 Q/DQ) and onnxruntime, both with
-    INT4 weights (tensorrt's default container; onnxruntime's default is int8)."""
+    """A calibrated 4-4-8 detr_tiny exported for TensorRT (zero-point-0 int8 Q/DQ) and for onnxruntime with
+    the int4 container (onnxruntime's default is int8)."""
     d = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
     model = quantize(build_detr(get_preset("detr_tiny")), QuantConfig.from_bits("4-4-8"))
