@@ -22,7 +22,7 @@ carries its biases).
 
 Prints a Markdown section (machine, CPU model from /proc/cpuinfo, load, date, versions) and writes it to
 ``--out`` (default ``ort_peer.md``). ``--quick``: DETR-R18 at 320 only, 4 calibration and 4 held-out images,
-few iterations (a smoke run, about a minute on 2 cores).
+few iterations (a smoke run: about a minute on an idle 2-core machine, 5 under a load of 10).
 Usage: ``python benchmarks/bench_ort_peer.py [--quick] [--iters 30] [--threads 2] [--out ort_peer.md]``.
 """
 
