@@ -160,7 +160,8 @@ def test_ort_quantized_file_with_fp32_metadata_is_labelled_int8(tmp_path):
 
 
 def test_graph_precision_of_an_int4_export(tmp_path):
-    """Our default 4-bit export holds INT4 weights: labelled by them, the metadata's bits kept."""
+    """A 4-bit export in the INT4 container holds INT4 weights: labelled by them, the metadata's bits kept;
+    the default (int8 container, ONNX Runtime's integer kernels) is labelled by its INT8 weights."""
     from test_export import quantized_tiny
 
     from qdetr_deploy.checkpoints import save_checkpoint
@@ -168,10 +169,13 @@ def test_graph_precision_of_an_int4_export(tmp_path):
     from qdetr_deploy.export.onnx_export import export_onnx
 
     ckpt = save_checkpoint(quantized_tiny("4-4-8"), tmp_path / "q.safetensors")
-    path = export_onnx(ckpt, tmp_path / "q.onnx", image_size=(64, 64)).path
+    path = export_onnx(ckpt, tmp_path / "q.onnx", image_size=(64, 64), weight_container="int4").path
     graph = graph_precision(onnx.load(str(path)))
     assert graph["label"].startswith("int4 weights") and graph["weights"]["int4"] > 0
     assert reconcile_bits("4-4-8", graph) == "4-4-8"
+    default = export_onnx(ckpt, tmp_path / "d.onnx", image_size=(64, 64)).path
+    graph = graph_precision(onnx.load(str(default)))
+    assert graph["label"].startswith("int8 weights") and graph["weights"].get("int4", 0) == 0
 
 
 # --- ONNX files qdetr-deploy did not write ---------------------------------------------------------------

@@ -13,10 +13,19 @@ from torch import nn
 from qdetr_deploy.export.folding import _np, act_quant, conv_norm, weight_dq
 from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
 from qdetr_deploy.models.backbone import FrozenBatchNorm2d
+from qdetr_deploy.quant.int_bias import (
+    IntBiasBatchNorm2d,
+    IntBiasFrozenBatchNorm2d,
+    QuantIntBiasBatchNorm2d,
+    QuantIntBiasFrozenBatchNorm2d,
+)
 from qdetr_deploy.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantFrozenBatchNorm2d, QuantLinear
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
-NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, QuantBatchNorm2d, QuantFrozenBatchNorm2d)
+#: batch norms folded into the conv before them; the int-bias ones (QuantConfig.conv_bias="int32") carry
+#: their shift on the int32 grid already (folding.norm_affine reads it through quant.int_bias)
+NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d, QuantBatchNorm2d, QuantFrozenBatchNorm2d, IntBiasBatchNorm2d,
+         IntBiasFrozenBatchNorm2d, QuantIntBiasBatchNorm2d, QuantIntBiasFrozenBatchNorm2d)
 
 
 @lowers(nn.Conv2d, QuantConv2d, consumes=(ActQuantizer,))
