@@ -256,3 +256,45 @@ def test_int32_conv_bias_on_the_grid_with_straight_through_gradient() -> None:
     (norm(x) * torch.randn_like(x)).sum().backward()
     assert norm.weight.grad is not None and norm.bias.grad is not None and norm.bias.grad.abs().sum() > 0
     assert conv.alpha.grad is None or conv.alpha.grad.abs().sum() == 0  # the grid is detached
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lsq_gradients_are_the_analytic_ones(bits: int) -> None:
+    """Esser et al.'s LSQ gradients, in-range mask on the continuous x / a + z (clamp before round)."""
+    torch.manual_seed(bits)
+    x = torch.randn(3, 200) * 2
+    qn, qp = int_range(bits, signed=True)
+    alpha = torch.tensor([0.31, 0.47, 0.9]).reshape(3, 1)
+    for zp in (0.0, 1.2):  # 1.2: the integer zero point 1 (LSQ+), gradient through the STE round
+        xs, a, z = x.clone().requires_grad_(), alpha.clone().requires_grad_(), torch.full((3, 1), zp)
+        z.requires_grad_()
+        g = 0.5
+        fake_quant_act(xs, a, z, qn, qp, g).sum().backward()
+        zi = torch.round(z.detach())
+        v = x / alpha
+        below, above = v + zi < qn, v + zi > qp
+        inside = ~(below | above)
+        d_alpha = torch.where(below, qn - zi, torch.where(above, qp - zi, torch.round(v) - v))
+        assert torch.equal(xs.grad, inside.float())
+        assert torch.allclose(a.grad, g * d_alpha.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(z.grad, g * (-alpha * (~inside)).sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+        # the band half a step beyond the range is out of range for the gradient (the bug this fixes)
+        band = (v + zi > qp) & (torch.round(v) + zi <= qp)
+        assert band.any() and not xs.grad[band].any()
+    w, aw = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    fake_quant_weight(w, aw, qn, qp).sum().backward()
+    v = x / alpha
+    inside = (v >= qn) & (v <= qp)
+    d_alpha = torch.where(v < qn, float(qn), torch.where(v > qp, float(qp), torch.round(v) - v))
+    assert torch.equal(w.grad, inside.float())
+    assert torch.allclose(aw.grad, d_alpha.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+def test_lsq_forward_unchanged_by_the_custom_backward() -> None:
+    """Forward bit-identical to clamp(round(x / a) + z) (the export's arithmetic)."""
+    torch.manual_seed(0)
+    x, a, z = torch.randn(4, 8, 16) * 3, torch.rand(1, 8, 1) + 0.05, torch.round(torch.randn(1, 8, 1))
+    for qn, qp in (int_range(2, True), int_range(4, False), int_range(8, True)):
+        ref = (torch.clamp(torch.round(x / a) + z, qn, qp) - z) * a
+        assert torch.equal(fake_quant_act(x, a, z, qn, qp), ref)
+        assert torch.equal(fake_quant_weight(x, a, qn, qp), torch.clamp(torch.round(x / a), qn, qp) * a)

@@ -6,10 +6,19 @@ The arithmetic lives in three functions that export, kernels and tests all call:
 - :func:`fake_quant_weight` - ``w_hat = clamp(round(w / a), Qn, Qp) * a`` (symmetric, per output channel);
 - :func:`fake_quant_act` - ``q = clamp(round(x / a) + z, Qn, Qp)``, ``x_hat = (q - z) * a`` with integer z.
 
-``round`` is round-half-to-even (``torch.round``, as ONNX QuantizeLinear). Rounding uses a straight-through
-estimator and the steps an LSQ gradient scale ``g = 1 / sqrt(numel * Qp)``; both are custom autograd
-functions so that the forward value is *exactly* the quantized value (the ``x + (r - x).detach()`` trick is
-off by an ulp now and then, which would break bit-exact export).
+``round`` is round-half-to-even (``torch.round``, as ONNX QuantizeLinear). The steps get an LSQ gradient
+scale ``g = 1 / sqrt(numel * Qp)``. Both quantizers are custom autograd functions, so that the forward value
+is *exactly* the quantized value (the ``x + (r - x).detach()`` trick is off by an ulp now and then, which
+would break bit-exact export) and the backward is LSQ's (Esser et al. 2020), with the in-range mask taken on
+the *continuous* value ``v = x / a + z`` (clamp before round, as LSQ and the released code):
+
+- ``d x_hat / d x = 1`` where ``Qn <= v <= Qp``, else 0 (straight-through rounding);
+- ``d x_hat / d a = round(x / a) - x / a`` inside, ``Qn - z`` below, ``Qp - z`` above;
+- ``d x_hat / d z = 0`` inside, ``-a`` outside (LSQ+ offset, z in code units).
+
+Clamping after rounding (``clamp(round(v))`` under autograd) gives the same forward value but counts values
+up to half a step beyond ``Qn``/``Qp`` as in range: at 2 bits about 5% of the elements, and a step gradient
+1.5x too large.
 """
 
 from __future__ import annotations
@@ -46,6 +55,62 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (the inverse of broadcasting)."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    grad = grad.sum(dim=tuple(range(lead))) if lead > 0 else grad
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return (grad.sum(dim=dims, keepdim=True) if dims else grad).reshape(shape)
+
+
+def _step_grad(v: Tensor, z: Tensor | float, qn: int, qp: int) -> tuple[Tensor, Tensor]:
+    """LSQ's ``d x_hat / d a`` per element and the out-of-range mask, for ``v = x / a`` and offset ``z``."""
+    s = v + z
+    below, above = s < qn, s > qp
+    inside = torch.round(v) - v
+    grad_a = torch.where(below, qn - z, torch.where(above, qp - z, inside))
+    return grad_a, below | above
+
+
+class _FakeQuantWeight(torch.autograd.Function):
+    """``clamp(round(w / a), Qn, Qp) * a`` with LSQ's backward (mask on the continuous ``w / a``)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, a: Tensor, qn: int, qp: int) -> Tensor:  # noqa: D102
+        v = w / a
+        ctx.save_for_backward(v, a)
+        ctx.qrange = (qn, qp)
+        return torch.clamp(torch.round(v), qn, qp) * a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # noqa: D102
+        v, a = ctx.saved_tensors
+        grad_a, outside = _step_grad(v, 0.0, *ctx.qrange)
+        return grad.masked_fill(outside, 0.0), _sum_to(grad * grad_a, a.shape), None, None
+
+
+class _FakeQuantAct(torch.autograd.Function):
+    """``(clamp(round(x / a) + z, Qn, Qp) - z) * a`` (integer z) with LSQ+'s backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, z: Tensor, qn: int, qp: int) -> Tensor:  # noqa: D102
+        v = x / a
+        ctx.save_for_backward(v, a, z)
+        ctx.qrange = (qn, qp)
+        q = torch.clamp(torch.round(v) + z, qn, qp)
+        return (q - z) * a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # noqa: D102
+        v, a, z = ctx.saved_tensors
+        grad_a, outside = _step_grad(v, z, *ctx.qrange)
+        grad_z = torch.where(outside, -a, torch.zeros_like(a))
+        return (grad.masked_fill(outside, 0.0), _sum_to(grad * grad_a, a.shape),
+                _sum_to(grad * grad_z, z.shape), None, None)
+
+
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even; gradient passes straight through."""
     return _RoundSTE.apply(x)
@@ -69,7 +134,7 @@ def positive_step(alpha: Tensor) -> Tensor:
 def fake_quant_weight(w: Tensor, alpha: Tensor, qn: int, qp: int, g: float = 1.0) -> Tensor:
     """Symmetric per-channel weight fake quantization; ``alpha`` broadcasts against ``w``."""
     a = grad_scale(positive_step(alpha), g)
-    return torch.clamp(round_ste(w / a), qn, qp) * a
+    return _FakeQuantWeight.apply(w, a, qn, qp)
 
 
 def weight_codes(w: Tensor, alpha: Tensor, qn: int, qp: int) -> Tensor:
@@ -81,8 +146,7 @@ def fake_quant_act(x: Tensor, alpha: Tensor, zero_point: Tensor, qn: int, qp: in
     """Asymmetric activation fake quantization with an integer (STE-rounded) zero point."""
     a = grad_scale(positive_step(alpha), g)
     z = round_ste(grad_scale(zero_point, g))
-    q = torch.clamp(round_ste(x / a) + z, qn, qp)
-    return (q - z) * a
+    return _FakeQuantAct.apply(x, a, z, qn, qp)
 
 
 def fake_quant_act_shifted(x: Tensor, alpha: Tensor, zero_point: Tensor, qn: int, qp: int,
