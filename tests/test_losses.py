@@ -207,3 +207,49 @@ def test_drd_module_on_model_outputs():
     assert hs_s.grad is not None and hs_t.grad is None
     with pytest.raises(QDetrError, match="layers"):
         DRDLoss(layers="first")
+
+
+# --- role-consistent matching, query roles -------------------------------------------------------------
+
+
+def test_query_roles_and_role_match_one_to_one():
+    from qdetr_deploy.train.fqm import fqm_pairs, query_roles, role_match, role_mismatches
+
+    # Hungarian roles: student 0 -> gt0, 3 -> gt1, 5 -> gt2; teacher 1 -> gt0, 0 -> gt1, 3 -> gt2
+    s_roles = query_roles((torch.tensor([0, 3, 5]), torch.tensor([0, 1, 2])), 6)
+    t_roles = query_roles((torch.tensor([0, 1, 3]), torch.tensor([1, 0, 2])), 4)
+    assert s_roles.tolist() == [0, -1, -1, 1, -1, 2] and t_roles.tolist() == [1, 0, -1, 2]
+    # kept by FQM (tau 0.6): 0, 1, 3. Argmax pairs (0,1), (1,2), (3,0): (1,2) joins no-object with no-object
+    argmax = fqm_pairs(GT, STUDENT, TEACHER, 0.6, "argmax", s_roles, t_roles)
+    assert [x.tolist() for x in argmax] == [[0, 1, 3], [1, 2, 0]]
+    assert role_mismatches(argmax, s_roles, t_roles) == 0
+    # role rule: query 1 has no role and is dropped; 0 -> teacher 1 (gt0), 3 -> teacher 0 (gt1)
+    role = fqm_pairs(GT, STUDENT, TEACHER, 0.6, "role", s_roles, t_roles)
+    assert [x.tolist() for x in role] == [[0, 3], [1, 0]]
+    # every query (tau None): the role holders 0, 3, 5, each with its own teacher query
+    s, t = role_match(torch.arange(6), s_roles, t_roles)
+    assert s.tolist() == [0, 3, 5] and t.tolist() == [1, 0, 3] and len(set(t.tolist())) == 3
+    # a pair across roles counts as a mismatch (object vs no object, and two different objects)
+    crossed = (torch.tensor([0, 3]), torch.tensor([2, 1]))
+    assert role_mismatches(crossed, s_roles, t_roles) == 2
+    with pytest.raises(QDetrError, match="role"):
+        fqm_pairs(GT, STUDENT, TEACHER, 0.6, "role")
+
+
+def test_drd_term_logs_pairs_and_role_mismatch():
+    from qdetr_deploy.train.distill import DistillConfig, drd_term
+
+    torch.manual_seed(0)
+    logits_s, logits_t = torch.randn(1, 6, 4), torch.randn(1, 4, 4)
+    s_out = {"pred_boxes": STUDENT[None], "pred_logits": logits_s}
+    t_out = {"pred_boxes": TEACHER[None], "pred_logits": logits_t}
+    targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": GT}]
+    feats_s, feats_t = torch.randn(1, 1, 6, 8, requires_grad=True), torch.randn(1, 1, 4, 8)
+    for rule in ("argmax", "role"):
+        loss, stats = drd_term(s_out, t_out, feats_s, feats_t, targets, DistillConfig(fqm_match=rule))
+        assert set(stats) == {"drd_pairs", "drd_role_mismatch"} and loss.item() > 0
+        assert 0 <= stats["drd_role_mismatch"] <= 1
+        if rule == "role":
+            assert stats["drd_role_mismatch"] == 0 and stats["drd_pairs"] <= 3
+    _, every = drd_term(s_out, t_out, feats_s, feats_t, targets, DistillConfig(tau=None))
+    assert every["drd_pairs"] == 6

@@ -138,3 +138,47 @@ def test_torchrun_two_processes_gloo(shapes: dict[str, Path], tmp_path: Path) ->
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["samples_in_epoch"] == 12
     assert [r["step"] for r in _steps(out / "log.jsonl")] == [1, 2, 3]
+
+
+def test_decoder_capture_d_is_the_out_proj_input_and_changes_nothing() -> None:
+    """--drd-feature d: the merged heads of Qa(A) Qa(v), the input of the cross-attention out_proj."""
+    from qdetr_deploy.models import build_detr, get_preset
+    from qdetr_deploy.quant import QuantConfig, quantize
+    from qdetr_deploy.train.distill import DecoderCapture
+
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_tiny")), QuantConfig.from_bits("4-4-8")).eval()
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(images, mask)
+        cap = DecoderCapture(model, "d")
+        cap.start()
+        out = model(images, mask)
+        d = cap.take()
+        cap.remove()
+        mha = model.transformer.decoder.layers[-1].multihead_attn
+        # D of the last layer again, from the module's own steps, fed through out_proj: the layer's output
+        rebuilt = mha.out_proj(d[-1].transpose(0, 1))
+    assert torch.equal(out["pred_boxes"], ref["pred_boxes"]) and torch.equal(out["hs"], ref["hs"])
+    assert d.shape == (2, 2, 10, 96)  # [L,B,Q,D]
+    cross = DecoderCapture(model, "cross")
+    cross.start()
+    with torch.no_grad():
+        model(images, mask)
+    assert torch.allclose(cross.take()[-1], rebuilt.transpose(0, 1), atol=1e-5)  # ulps: matmul layout
+    cross.remove()
+
+
+def test_distill_options_d_feature_role_match_tau_none(shapes: dict[str, Path], teacher: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    _run(["distill", "from-teacher", "--teacher", teacher, *_data_args(shapes), "--max-steps", "2",
+          "--calib-batches", "1", "--output-dir", out, "--drd-feature", "d", "--fqm-match", "role",
+          "--tau", "none", "--drd-layers", "all"])
+    meta = load_checkpoint(out / "checkpoint.safetensors").meta["distill"]
+    assert meta["tau"] is None and meta["fqm_match"] == "role" and meta["drd_feature"] == "d"
+    steps = _steps(out / "log.jsonl")
+    assert all(r["drd_role_mismatch"] == 0 and r["drd_pairs"] >= 0 for r in steps)
+    result = CliRunner().invoke(cli, ["distill", "from-teacher", "--teacher", str(teacher),
+                                      *_data_args(shapes), "--tau", "1.5"])
+    assert result.exit_code == 2 and "not in [0, 1)" in result.output

@@ -9,7 +9,24 @@ import click
 
 from qdetr_deploy.cli.train import loop_options, report, train_config
 from qdetr_deploy.quant.config import DA_PLACEMENTS
-from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU
+from qdetr_deploy.train.config import MATCH_RULES, PAPER_LAMBDA, PAPER_TAU
+
+
+class TauType(click.ParamType):
+    """A float in [0, 1), or ``none`` (no threshold: every query is imitated, the paper's "tau = 0" row)."""
+
+    name = "[0,1)|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
+            return None
+        try:
+            tau = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+        if not 0 <= tau < 1:
+            self.fail(f"{tau} is not in [0, 1)", param, ctx)
+        return tau
 
 
 @click.command("distill")
@@ -22,13 +39,18 @@ from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU
               help="Distribution alignment placement [default: self, as the released code].")
 @click.option("--no-da", is_flag=True, help="No distribution alignment (same as --da none).")
 @click.option("--no-fqm", is_flag=True, help="No FQM/DRD term: train on ground truth only (no teacher run).")
-@click.option("--tau", default=PAPER_TAU, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="FQM threshold: keep queries with GIoU > tau * best GIoU of a ground truth.")
+@click.option("--tau", default=str(PAPER_TAU), show_default=True, type=TauType(),
+              help="FQM threshold: keep queries with GIoU > tau * best GIoU of a ground truth; 'none' "
+                   "keeps every query (the paper's tau = 0 ablation).")
+@click.option("--fqm-match", default="argmax", show_default=True, type=click.Choice(MATCH_RULES),
+              help="argmax: teacher query maximising 2 GIoU - 5 L1 (the paper); role: the teacher query "
+                   "Hungarian-matched to the same ground truth as the student query (one to one).")
 @click.option("--lambda-drd", default=PAPER_LAMBDA, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the DRD loss.")
 @click.option("--drd-layers", default="last", show_default=True, type=click.Choice(["last", "all"]))
-@click.option("--drd-feature", default="hs", show_default=True, type=click.Choice(["hs", "cross"]),
-              help="hs: decoder layer output read by the heads; cross: cross-attention output (hook).")
+@click.option("--drd-feature", default="hs", show_default=True, type=click.Choice(["hs", "d", "cross"]),
+              help="hs: decoder layer output read by the heads; d: co-attention output Qa(A)Qa(v) before "
+                   "the output projection (the method's D); cross: cross-attention output.")
 @click.option("--drd-distance", default="mse", show_default=True, type=click.Choice(["l2", "mse"]))
 @click.option("--two-stage", is_flag=True,
               help="Stage 1 quantizes the backbone only, stage 2 the whole model (budget split by "
@@ -44,7 +66,8 @@ from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU
               help="Activation steps per tensor or per channel/head (students quantized here).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in upstream checkpoints.")
 def distill_cmd(student: str, teacher: str, bits: str | None, da: str | None, no_da: bool, no_fqm: bool,
-                tau: float, lambda_drd: float, drd_layers: str, drd_feature: str, drd_distance: str,
+                tau: float | None, fqm_match: str, lambda_drd: float, drd_layers: str, drd_feature: str,
+                drd_distance: str,
                 two_stage: bool, stage1_fraction: float, calib_batches: int, calib_method: str,
                 act_granularity: str, trust_checkpoint: bool, **options: Any) -> None:
     """Train quantized STUDENT with L_GT + lambda * L_DRD from a frozen TEACHER (Q-DETR).
@@ -56,7 +79,7 @@ def distill_cmd(student: str, teacher: str, bits: str | None, da: str | None, no
     if no_da and da not in (None, "none"):
         raise click.UsageError(f"--no-da contradicts --da {da}")
     dcfg = DistillConfig(bits=bits, da="none" if no_da else da, fqm=not no_fqm, tau=tau,
-                         lambda_drd=lambda_drd,
+                         fqm_match=fqm_match, lambda_drd=lambda_drd,
                          drd_layers=drd_layers, drd_feature=drd_feature, drd_distance=drd_distance,
                          two_stage=two_stage, stage1_fraction=stage1_fraction, calib_batches=calib_batches,
                          calib_method=calib_method, act_granularity=act_granularity)

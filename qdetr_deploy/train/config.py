@@ -21,6 +21,7 @@ LOG_NAME = "log.jsonl"
 LABEL_MODES = ("auto", "contiguous", "category_id")
 PAPER_TAU = 0.6  # FQM threshold of the Q-DETR paper (train.fqm)
 PAPER_LAMBDA = 2.5  # weight of the DRD loss in the paper
+MATCH_RULES = ("argmax", "role")  # FQM pairing rules (train.fqm): the paper's argmax, Hungarian roles
 
 
 @dataclass

@@ -13,9 +13,16 @@ batches before the first step. The teacher is loaded frozen, in eval mode, and r
 
 Choices where the paper is open (defaults first; each is an option, see also docs/RESULTS.md):
 - feature ``hs``: the decoder layer output after the final decoder norm, the feature the class and box
-  heads read. ``cross``: the output of decoder cross-attention (``transformer.decoder.layers[i]
-  .multihead_attn``, after its output projection, before the residual add and norm), captured by a forward
-  hook; the paper's "decoder cross-attention output" read literally.
+  heads read. ``d``: the method's co-attention output ``D = Qa(A) Qa(v)`` of decoder cross-attention, heads
+  merged, *before* the output projection (the input of ``multihead_attn.out_proj``, before its own input
+  quantizer), captured by a forward pre-hook: the attention module's outputs do not change. ``cross``: the
+  cross-attention module's output (after the output projection, before the residual add and norm).
+- matching rule ``argmax`` (the paper): each kept student query takes the teacher query maximising
+  ``2 GIoU - 5 L1``. ``role``: each kept student query that the Hungarian matcher of ``L_GT`` assigns to a
+  ground truth is paired with the teacher query assigned to the same ground truth (one to one); the others
+  are dropped. Every DRD step logs ``drd_pairs`` (kept pairs, last distilled layer) and
+  ``drd_role_mismatch`` (the fraction of those pairs whose two queries have different Hungarian roles: another
+  object, or an object and "no object"; 0 by construction for ``role``).
 - layers ``last``: the last decoder layer only. ``all``: every decoder layer, losses averaged; layer ``i``
   is matched with layer ``i``'s own predicted boxes (student and teacher need the same decoder depth).
   FQM always uses the boxes of the layer being distilled (for ``last`` these are ``pred_boxes``).
@@ -58,12 +65,23 @@ from qdetr_deploy.train import distributed as D
 from qdetr_deploy.train.config import CHECKPOINT_NAME, TrainConfig, TrainResult
 from qdetr_deploy.train.criterion import SetCriterion
 from qdetr_deploy.train.datasets import Data, check_classes, load_data, train_loader
-from qdetr_deploy.train.fqm import DISTANCES, PAPER_LAMBDA, PAPER_TAU, drd_loss, fqm_match
+from qdetr_deploy.train.fqm import (
+    DISTANCES,
+    MATCH_RULES,
+    PAPER_LAMBDA,
+    PAPER_TAU,
+    drd_loss,
+    fqm_pairs,
+    query_roles,
+    role_mismatches,
+)
 from qdetr_deploy.train.loop import fit
+from qdetr_deploy.train.matcher import HungarianMatcher
 from qdetr_deploy.train.recipe import set_criterion
 from qdetr_deploy.train.state import read_resume_state, resume_model, seed_all
 
 FROM_TEACHER = "from-teacher"
+DRD_FEATURES = ("hs", "d", "cross")
 BACKBONE_ONLY = ("transformer.*",)
 
 
@@ -84,6 +102,7 @@ class DistillConfig:
     drd_layers: str = "last"
     drd_feature: str = "hs"
     drd_distance: str = "mse"  # measured: "l2" at lambda 2.5 swamps L_GT (docs/RESULTS.md)
+    fqm_match: str = "argmax"
     two_stage: bool = False
     stage1_fraction: float = 0.5
     calib_batches: int = 4
@@ -96,7 +115,8 @@ class DistillConfig:
             (self.tau is None or 0 <= self.tau < 1, f"tau must be in [0, 1), got {self.tau}"),
             (self.lambda_drd >= 0, f"lambda_drd must be >= 0, got {self.lambda_drd}"),
             (self.drd_layers in ("last", "all"), "drd_layers must be 'last' or 'all'"),
-            (self.drd_feature in ("hs", "cross"), "drd_feature must be 'hs' or 'cross'"),
+            (self.drd_feature in DRD_FEATURES, f"drd_feature must be one of {list(DRD_FEATURES)}"),
+            (self.fqm_match in MATCH_RULES, f"fqm_match must be one of {list(MATCH_RULES)}"),
             (self.drd_distance in DISTANCES, f"drd_distance must be one of {list(DISTANCES)}"),
             (0 < self.stage1_fraction < 1, "stage1_fraction must be in (0, 1)"),
             (self.calib_batches >= 1, "calib_batches must be >= 1"),
@@ -113,17 +133,31 @@ class DistillConfig:
 
 
 # -- DRD on captured features --------------------------------------------------------------------------
-class CrossAttentionCapture:
-    """Forward hooks on ``transformer.decoder.layers[i].multihead_attn``; ``take()`` -> ``[L,B,Q,D]``."""
+class DecoderCapture:
+    """Hooks on every decoder layer's cross-attention; ``take()`` -> ``[L,B,Q,D]``.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``feature="cross"``: the output of ``multihead_attn`` (forward hook); ``"d"``: the input of
+    ``multihead_attn.out_proj`` (forward pre-hook), i.e. the merged heads of ``Qa(A) Qa(v)``.
+    """
+
+    def __init__(self, model: nn.Module, feature: str) -> None:
         self.active, self.feats = False, []
         layers = model.transformer.decoder.layers
-        self.handles = [layer.multihead_attn.register_forward_hook(self._hook) for layer in layers]
+        if feature == "d":
+            self.handles = [layer.multihead_attn.out_proj.register_forward_pre_hook(self._pre_hook)
+                            for layer in layers]
+        else:
+            self.handles = [layer.multihead_attn.register_forward_hook(self._hook) for layer in layers]
+
+    def _keep(self, feat: Tensor) -> None:
+        if self.active:
+            self.feats.append(feat.transpose(0, 1))  # [Q,B,D] -> [B,Q,D]
 
     def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        if self.active:
-            self.feats.append(output.transpose(0, 1))  # [Q,B,D] -> [B,Q,D]
+        self._keep(output)
+
+    def _pre_hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._keep(inputs[0])
 
     def start(self) -> None:
         self.active, self.feats = True, []
@@ -138,26 +172,43 @@ class CrossAttentionCapture:
             h.remove()
 
 
-def layer_boxes(outputs: dict, layer: int, num_layers: int) -> Tensor:
-    """Predicted boxes of decoder layer ``layer`` (the final ones for the last layer or without aux)."""
+def layer_outputs(outputs: dict, layer: int, num_layers: int) -> dict:
+    """Predictions of decoder layer ``layer`` (the final ones for the last layer or without aux)."""
     aux = outputs.get("aux_outputs") or []
     if layer == num_layers - 1 or layer >= len(aux):
-        return outputs["pred_boxes"]
-    return aux[layer]["pred_boxes"]
+        return outputs
+    return aux[layer]
+
+
+def layer_boxes(outputs: dict, layer: int, num_layers: int) -> Tensor:
+    """Predicted boxes of decoder layer ``layer`` (the final ones for the last layer or without aux)."""
+    return layer_outputs(outputs, layer, num_layers)["pred_boxes"]
+
+
+def _roles(outputs: dict, targets: list[dict], matcher: HungarianMatcher) -> list[Tensor]:
+    """Per image, the Hungarian role of every query (``fqm.query_roles``)."""
+    num_queries = outputs["pred_boxes"].shape[1]
+    return [query_roles(ij, num_queries) for ij in matcher(outputs, targets)]
 
 
 def drd_term(s_out: dict, t_out: dict, s_feats: Tensor, t_feats: Tensor, targets: list[dict],
-             cfg: DistillConfig) -> tuple[Tensor, int]:
-    """L_DRD over the configured layers, and the number of FQM pairs (last distilled layer)."""
+             cfg: DistillConfig, matcher: HungarianMatcher | None = None) -> tuple[Tensor, dict[str, float]]:
+    """L_DRD over the configured layers, and its statistics for the last distilled layer: ``drd_pairs``
+    (kept pairs) and ``drd_role_mismatch`` (fraction of them joining queries of different roles)."""
+    matcher = matcher or HungarianMatcher()
     ls, lt = s_feats.shape[0], t_feats.shape[0]
     layers = list(zip(range(ls), range(lt))) if cfg.drd_layers == "all" else [(ls - 1, lt - 1)]
-    losses, num_pairs = [], 0
+    losses, stats = [], {}
     for i, k in layers:
-        sb, tb = layer_boxes(s_out, i, ls), layer_boxes(t_out, k, lt)
-        pairs = [fqm_match(t["boxes"], sb[b], tb[b], cfg.tau) for b, t in enumerate(targets)]
+        so, to = layer_outputs(s_out, i, ls), layer_outputs(t_out, k, lt)
+        s_roles, t_roles = _roles(so, targets, matcher), _roles(to, targets, matcher)
+        pairs = [fqm_pairs(t["boxes"], so["pred_boxes"][b], to["pred_boxes"][b], cfg.tau, cfg.fqm_match,
+                           s_roles[b], t_roles[b]) for b, t in enumerate(targets)]
         losses.append(drd_loss(s_feats[i], t_feats[k], pairs, cfg.drd_distance))
         num_pairs = sum(int(s.numel()) for s, _ in pairs)
-    return torch.stack(losses).mean(), num_pairs
+        mismatched = sum(role_mismatches(p, s_roles[b], t_roles[b]) for b, p in enumerate(pairs))
+        stats = {"drd_pairs": float(num_pairs), "drd_role_mismatch": mismatched / max(num_pairs, 1)}
+    return torch.stack(losses).mean(), stats
 
 
 class DistillObjective:
@@ -167,9 +218,9 @@ class DistillObjective:
                  cfg: DistillConfig) -> None:
         self.criterion, self.teacher, self.cfg = criterion, teacher, cfg
         use_drd = cfg.fqm and teacher is not None
-        cross = use_drd and cfg.drd_feature == "cross"
-        self.s_cap = CrossAttentionCapture(student) if cross else None
-        self.t_cap = CrossAttentionCapture(teacher) if cross else None
+        hooked = use_drd and cfg.drd_feature != "hs"
+        self.s_cap = DecoderCapture(student, cfg.drd_feature) if hooked else None
+        self.t_cap = DecoderCapture(teacher, cfg.drd_feature) if hooked else None
         self.use_drd = use_drd
 
     def __call__(self, model: nn.Module, images: Tensor, mask: Tensor, targets: list) -> tuple[Tensor, dict]:
@@ -186,8 +237,9 @@ class DistillObjective:
                 self.t_cap.start()
             t_out = self.teacher(images, mask)
             t_feats = self.t_cap.take() if self.t_cap else t_out["hs"]
-        drd, pairs = drd_term(out, t_out, s_feats, t_feats, targets, self.cfg)
-        terms["loss_drd"], terms["drd_pairs"] = drd, float(pairs)
+        drd, stats = drd_term(out, t_out, s_feats, t_feats, targets, self.cfg, self.criterion.matcher)
+        terms["loss_drd"] = drd
+        terms.update(stats)
         return loss + self.cfg.lambda_drd * drd, terms
 
 

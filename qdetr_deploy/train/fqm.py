@@ -18,6 +18,13 @@ Reading of the rule, followed literally:
   without ground truth.
 - No ground truth (and ``tau`` not None) -> no pairs. Ties in the teacher argmax pick the lowest index.
 - Degenerate (zero-area) boxes give GIoU NaN; it is read as -1 (worst match).
+
+Step 3 has a second rule, ``rule="role"`` (not the paper's): a query's *role* is the ground truth the
+Hungarian matcher (the one of ``L_GT``) assigns it to, or none. A kept student query with a role is paired
+with the teacher query that has the same role (one to one: each ground truth has one query on each side);
+kept queries without a role are dropped. The argmax rule can pair a query that detects an object with a
+teacher query that predicts "no object", or two student queries with one teacher query; the role-mismatch
+rate (:func:`role_mismatches`) measures how often.
 """
 
 from __future__ import annotations
@@ -29,9 +36,14 @@ from torch import Tensor, nn
 
 from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from qdetr_deploy.train.config import PAPER_LAMBDA, PAPER_TAU  # noqa: F401  (PAPER_LAMBDA: re-exported)
+from qdetr_deploy.train.config import (  # noqa: F401  (PAPER_LAMBDA, MATCH_RULES: re-exported)
+    MATCH_RULES,
+    PAPER_LAMBDA,
+    PAPER_TAU,
+)
 
 DISTANCES = ("l2", "mse")
+NO_ROLE = -1
 Pairs = list[tuple[Tensor, Tensor]]
 
 
@@ -67,6 +79,47 @@ def fqm_match(gt_boxes: Tensor, student_boxes: Tensor, teacher_boxes: Tensor,
     sk = s[kept]
     score = 2 * _giou(sk, t) - 5 * torch.cdist(sk, t, p=1)
     return kept, score.argmax(dim=1)
+
+
+def query_roles(indices: tuple[Tensor, Tensor], num_queries: int) -> Tensor:
+    """``[N]`` int64: the ground truth each query is assigned to by a Hungarian ``(query_idx, target_idx)``
+    assignment, :data:`NO_ROLE` (-1) for the others."""
+    query_idx, target_idx = indices
+    roles = torch.full((num_queries,), NO_ROLE, dtype=torch.int64)
+    roles[query_idx.cpu()] = target_idx.cpu()
+    return roles
+
+
+@torch.no_grad()
+def role_match(kept: Tensor, student_roles: Tensor, teacher_roles: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``rule="role"`` step 3: kept student queries that have a role, each with the teacher query of the
+    same role -> ``(student_idx [P], teacher_idx [P])``, one to one, student indices ascending."""
+    teacher_of = {r: k for k, r in enumerate(teacher_roles.tolist()) if r != NO_ROLE}
+    roles = student_roles.tolist()
+    pairs = [(j, teacher_of[roles[j]]) for j in kept.tolist() if roles[j] in teacher_of]
+    s_idx = torch.tensor([j for j, _ in pairs], dtype=torch.int64, device=kept.device)
+    t_idx = torch.tensor([k for _, k in pairs], dtype=torch.int64, device=kept.device)
+    return s_idx, t_idx
+
+
+def role_mismatches(pairs: tuple[Tensor, Tensor], student_roles: Tensor, teacher_roles: Tensor) -> int:
+    """How many pairs join queries with different roles (another object, or an object and none)."""
+    s_idx, t_idx = pairs
+    return int((student_roles[s_idx.cpu()] != teacher_roles[t_idx.cpu()]).sum())
+
+
+@torch.no_grad()
+def fqm_pairs(gt_boxes: Tensor, student_boxes: Tensor, teacher_boxes: Tensor, tau: float | None,
+              rule: str, student_roles: Tensor | None = None,
+              teacher_roles: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FQM pairs of one image under ``rule`` (``"argmax"``: :func:`fqm_match`; ``"role"``: foreground
+    queries of steps 1-2 paired by :func:`role_match`, which needs both role vectors)."""
+    if rule == "argmax":
+        return fqm_match(gt_boxes, student_boxes, teacher_boxes, tau)
+    if rule != "role" or student_roles is None or teacher_roles is None:
+        raise QDetrError(f"FQM rule must be one of {MATCH_RULES} (role needs query roles), got {rule!r}")
+    kept = foreground_queries(gt_boxes.detach().float(), student_boxes.detach().float(), tau)
+    return role_match(kept, student_roles, teacher_roles)
 
 
 def _layers(feats: Tensor | Sequence[Tensor]) -> list[Tensor]:
