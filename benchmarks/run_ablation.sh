@@ -30,7 +30,7 @@ STUDENT_FP_EPOCHS=${STUDENT_FP_EPOCHS:-16}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-24}
 TEACHER_DROP=${TEACHER_DROP:-20}
 FP_LR=${FP_LR:-3e-4}
-STUDENT_STEPS=${STUDENT_STEPS:-120}
+STUDENT_STEPS=${STUDENT_STEPS:-100}
 STUDENT_LR=${STUDENT_LR:-2e-4}
 SEEDS=${SEEDS:-"1 2 3"}
 # priority order: 4-4-8 core and variants, 2-2-8, then the lambda / distance sweep of the best variant

@@ -129,7 +129,7 @@ def table(result: dict) -> str:
     lines = ["AP x100 on the shapes val set; mean ± sample std over seeds; Δ = paired difference against the",
              "baseline of the same bits (same seeds), mean ± std of the differences, p = paired t-test.", ""]
     ref = result["reference"]
-    for name, label in (("teacher", "teacher (full precision, deeper)"), ("student_fp", "student start")):
+    for name, label in (("teacher", "teacher (full precision)"), ("student_fp", "student start")):
         if name in ref:
             lines.append(f"- {label}: AP {100 * ref[name]['AP']:.1f}, AP50 {100 * ref[name]['AP50']:.1f}")
     lines += ["", "| bits | cell | flags | n | AP50 | AP | Δ AP50 | p | Δ AP | p | pairs/step | role "
