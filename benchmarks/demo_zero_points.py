@@ -35,7 +35,7 @@ def main() -> None:
     epochs = max(1, -(-steps * s.batch_size // s.num_train))
     config = demo._train_config(data, args.out / "student", s, steps, epochs)
     config.lr_backbone = config.lr = s.lr / 3  # as the demo's _quantize_and_distill
-    print(json.dumps(demo._stats(distill(str(init), teacher["checkpoint"], config, DistillConfig()))))
+    print(json.dumps(demo._stats(distill(str(init), teacher["checkpoint"], config, DistillConfig(fqm=True)))))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,8 @@ STUDENT_LR=${STUDENT_LR:-2e-4}
 SEEDS=${SEEDS:-"1 2 3"}
 # priority order: 4-4-8 core and variants, 2-2-8, then the lambda / distance sweep of the best variant
 CELLS=${CELLS:-"4-4-8:baseline 4-4-8:da 4-4-8:fqm 4-4-8:both 4-4-8:both_d 4-4-8:both_role 4-4-8:both_tau_none
-  2-2-8:baseline 2-2-8:da 2-2-8:both 2-2-8:both_role
-  4-4-8:both_role_lam0.1 4-4-8:both_role_lam0.5 4-4-8:both_role_l2 4-4-8:both_role_l2_lam0.1
-  4-4-8:both_role_l2_lam0.5"}
+  2-2-8:baseline 2-2-8:da 2-2-8:both 2-2-8:fqm
+  4-4-8:fqm_lam0.5 4-4-8:fqm_lam0.1 4-4-8:fqm_l2 4-4-8:fqm_l2_lam0.5 4-4-8:fqm_l2_lam0.1"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per run: the machine is shared
 
 mkdir -p "$OUT"
@@ -61,15 +60,15 @@ variant_flags() {
   if [[ $v =~ _lam([0-9.]+)$ ]]; then lam=${BASH_REMATCH[1]}; v=${v%_lam*}; fi
   local dist=mse
   if [[ $v == *_l2 ]]; then dist=l2; v=${v%_l2}; fi
-  case $v in
+  case $v in  # every flag explicit, so that the cells do not depend on distill's defaults
     baseline) echo "--no-da --no-fqm"; return ;;
-    da) echo "--no-fqm"; return ;;
-    fqm) flags="--no-da" ;;
-    both) flags="" ;;
-    both_d) flags="--drd-feature d" ;;
-    both_role) flags="--fqm-match role" ;;
-    both_d_role) flags="--drd-feature d --fqm-match role" ;;
-    both_tau_none) flags="--tau none" ;;
+    da) echo "--da self --no-fqm"; return ;;
+    fqm) flags="--no-da --fqm" ;;
+    both) flags="--da self --fqm" ;;
+    both_d) flags="--da self --fqm --drd-feature d" ;;
+    both_role) flags="--da self --fqm --fqm-match role" ;;
+    both_d_role) flags="--da self --fqm --drd-feature d --fqm-match role" ;;
+    both_tau_none) flags="--da self --fqm --tau none" ;;
     *) echo "unknown variant $1" >&2; return 2 ;;
   esac
   echo "$flags --drd-distance $dist${lam:+ --lambda-drd $lam}"

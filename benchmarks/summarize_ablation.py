@@ -19,9 +19,9 @@ import statistics
 from pathlib import Path
 
 FLAGS = {
-    "baseline": "--no-da --no-fqm", "da": "--no-fqm", "fqm": "--no-da", "both": "(DA + FQM)",
-    "both_d": "--drd-feature d", "both_role": "--fqm-match role",
-    "both_d_role": "--drd-feature d --fqm-match role", "both_tau_none": "--tau none",
+    "baseline": "--no-da --no-fqm", "da": "--da self", "fqm": "--fqm", "both": "--da self --fqm",
+    "both_d": "+ --drd-feature d", "both_role": "+ --fqm-match role",
+    "both_d_role": "+ --drd-feature d --fqm-match role", "both_tau_none": "+ --tau none",
 }
 ORDER = list(FLAGS)
 
@@ -89,9 +89,10 @@ def collect(out: Path) -> dict[str, dict[str, dict[int, dict]]]:
     return cells
 
 
-def _order(variant: str) -> tuple[int, str]:
+def _order(variant: str) -> tuple[int, int, str]:
+    """The cells of FLAGS in their order, then the sweep cells (``_l2``/``_lam`` suffixes) by name."""
     base = variant.split("_lam")[0].removesuffix("_l2")
-    return (ORDER.index(base) if base in ORDER else len(ORDER), variant)
+    return (int(base != variant), ORDER.index(base) if base in ORDER else len(ORDER), variant)
 
 
 def summarize(out: Path) -> dict:

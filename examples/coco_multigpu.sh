@@ -36,13 +36,13 @@ torchrun --standalone --nproc_per_node "$NGPU" -m qdetr_deploy distill from-teac
   --teacher "$TEACHER" \
   --images "$COCO/train2017" --ann "$COCO/annotations/instances_train2017.json" \
   --val-images "$COCO/val2017" --val-ann "$COCO/annotations/instances_val2017.json" \
-  --bits 4-4-8 --da self --tau 0.6 --lambda-drd 2.5 --drd-layers last --drd-feature hs --drd-distance l2 \
+  --bits 4-4-8 --da self --fqm --tau 0.6 --lambda-drd 2.5 --drd-layers last --drd-feature hs --drd-distance l2 \
   --batch-size 2 --lr 1e-4 --lr-backbone 1e-5 --weight-decay 1e-4 --clip-max-norm 0.1 \
   --epochs 500 --lr-drop 200,400 \
   --image-size 800 --max-size 1333 \
   --workers 2 --eval-every 10 --keep-every 100 \
   --output-dir "$OUT" --resume "${stage_flags[@]}"
 
-# The LSQ+ baseline of the paper's table (34.1 AP at 4-4-8) is the same command with --no-da --no-fqm
+# The LSQ+ baseline of the paper's table (34.1 AP at 4-4-8) is the same command with --da none --no-fqm
 # (no teacher is run then). Afterwards: qdetr-deploy inspect "$OUT/checkpoint.safetensors" for size/OPs,
 # and the export / build-engine / bench commands for deployment.

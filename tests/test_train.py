@@ -81,7 +81,7 @@ def test_train_writes_checkpoint_state_log_and_resumes_exactly(shapes: dict[str,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-fqm", "--no-da"]], ids=["qdetr", "lsq-baseline"])
+@pytest.mark.parametrize("flags", [["--fqm", "--da", "self"], []], ids=["qdetr", "lsq-baseline-default"])
 def test_distill_from_teacher_writes_quantized_checkpoint(shapes: dict[str, Path], teacher: Path,
                                                           tmp_path: Path, flags: list[str]) -> None:
     out = tmp_path / "student"
@@ -89,10 +89,10 @@ def test_distill_from_teacher_writes_quantized_checkpoint(shapes: dict[str, Path
           "--calib-batches", "1", "--output-dir", out, *flags])
     ckpt = load_checkpoint(out / "checkpoint.safetensors")
     assert ckpt.quant_config is not None and ckpt.quant_config.bits == "4-4-8"
-    assert ckpt.quant_config.da == ("none" if flags else "self")
-    assert ckpt.meta["stage"] == "distill" and ckpt.meta["distill"]["fqm"] == (not flags)
+    assert ckpt.quant_config.da == ("self" if flags else "none")
+    assert ckpt.meta["stage"] == "distill" and ckpt.meta["distill"]["fqm"] == bool(flags)
     steps = _steps(out / "log.jsonl")
-    assert len(steps) == 2 and all(("loss_drd" in r) == (not flags) for r in steps)
+    assert len(steps) == 2 and all(("loss_drd" in r) == bool(flags) for r in steps)
 
 
 def test_distill_rejects_contradicting_student(shapes: dict[str, Path], teacher: Path,
@@ -173,7 +173,7 @@ def test_distill_options_d_feature_role_match_tau_none(shapes: dict[str, Path], 
                                                        tmp_path: Path) -> None:
     out = tmp_path / "student"
     _run(["distill", "from-teacher", "--teacher", teacher, *_data_args(shapes), "--max-steps", "2",
-          "--calib-batches", "1", "--output-dir", out, "--drd-feature", "d", "--fqm-match", "role",
+          "--calib-batches", "1", "--output-dir", out, "--fqm", "--drd-feature", "d", "--fqm-match", "role",
           "--tau", "none", "--drd-layers", "all"])
     meta = load_checkpoint(out / "checkpoint.safetensors").meta["distill"]
     assert meta["tau"] is None and meta["fqm_match"] == "role" and meta["drd_feature"] == "d"
