@@ -20,7 +20,7 @@ student = quantize_checkpoint(TEACHER, "student_init.safetensors", bits="4-4-8",
 config = TrainConfig(images=f"{DATA}/train", ann=f"{DATA}/annotations/train.json", val_images=f"{DATA}/val",
                      val_ann=f"{DATA}/annotations/val.json", output_dir="runs/student", max_steps=200,
                      epochs=None, batch_size=16, image_size=96, scales=(96,), max_size=96, workers=0)
-result = distill(str(student), TEACHER, config, DistillConfig(tau=0.6, lambda_drd=2.5))
+result = distill(str(student), TEACHER, config, DistillConfig(fqm=True, tau=0.6, lambda_drd=2.5))
 # 3. ONNX with the learned steps folded into Q/DQ, checked against the PyTorch fake-quant model
 onnx_model = export_onnx(result.checkpoint, "student.onnx", image_size=(96, 96))
 report = check_onnx(onnx_model.path, load_checkpoint(result.checkpoint).model)

@@ -126,7 +126,7 @@ def test_distill_and_train_with_bad_checkpoints(ws: dict[str, Path]) -> None:
     root = ws["root"]
     data = ["--images", ws["train_images"], "--ann", ws["train_ann"], "--image-size", "64",
             "--max-size", "64", "--max-steps", "1", "--no-progress", "--workers", "0"]
-    _expect_error(["distill", ws["student"], "--teacher", root / "truncated.safetensors", *data,
+    _expect_error(["distill", ws["student"], "--fqm", "--teacher", root / "truncated.safetensors", *data,
                    "--output-dir", root / "d1"], str(root / "truncated.safetensors"))
     _expect_error(["distill", root / "random.pth", "--teacher", ws["teacher"], *data,
                    "--output-dir", root / "d2"], str(root / "random.pth"))
