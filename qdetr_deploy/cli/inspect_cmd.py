@@ -44,7 +44,8 @@ def _print_table(report: dict) -> None:
         bits = ["fp" if b >= 32 else str(b) for b in (r["w_bits"], r["a_bits"])]
         table.add_row(r["name"], r["kind"], *bits, f"{r['params']:,}", f"{r['macs'] / 1e6:,.1f}", *steps)
     console = Console(width=None if Console().is_terminal else 160)
-    console.print(table)
+    if report["layers"]:  # --no-layers: the summary alone, no empty table
+        console.print(table)
     _print_summary(console, report)
 
 
