@@ -529,3 +529,57 @@ def test_zero_points_for_tensorrt_export_without_fallbacks(tmp_path: Path) -> No
     assert result.fallbacks == []
     report = check_onnx(result.path, ckpt.model, tolerance=1e-4)
     assert report.passed and report.lint == [], report.table()
+
+
+def test_onnxruntime_preset_runs_the_whole_backbone_on_integer_kernels(tmp_path: Path) -> None:
+    """DETR-R18 quantized with the onnxruntime preset (residual_bits 8, int32 biases, 8-bit downsample convs,
+    shared block inputs) at 64x64: each block's first conv and downsample read the block input's codes (no
+    state of their own, the same quantizer object after a checkpoint round trip), the export matches
+    PyTorch, and onnxruntime runs every backbone conv (the stem and downsample too) as QLinearConv, every
+    residual add as QLinearAdd and the stem's max pooling on uint8 codes: no float op between the image's
+    quantizer and input_proj."""
+    from qdetr_deploy.engines.onnxruntime import session_options
+
+    torch.manual_seed(0)
+    model = build_detr(get_preset("detr_r18")).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.3, 1.0)
+                m.bias.normal_(0, 0.05)
+    quantize(model, QuantConfig.from_preset("onnxruntime", "4-4-8"))
+    calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False).eval()
+    meta = {"calibration": {"image_size": [64, 64]}}
+    path = save_checkpoint(model, tmp_path / "r18.safetensors", meta=meta)
+    loaded = load_checkpoint(path)
+    body = loaded.model.backbone[0].body
+    assert body.layer2[0].conv1.act is body.layer1[1].out_act is body.layer2[0].downsample[0].act
+    assert body.layer1[0].conv1.act is body.maxpool.out_act
+    keys = set(loaded.model.state_dict())
+    assert "backbone.0.body.maxpool.out_act.alpha" in keys
+    assert "backbone.0.body.layer2.0.conv1.act.alpha" not in keys
+    assert "backbone.0.body.layer2.0.downsample.1.out_act.alpha" in keys
+    assert "backbone.0.body.layer2.0.conv2.act.alpha" in keys  # the second conv keeps its 4-bit quantizer
+    result = export_onnx(loaded, tmp_path / "r18.onnx")
+    report = check_onnx(result.path, loaded.model, random_images(1, (64, 64), seed=3))
+    # every backbone code equal per layer (a transformer code may sit an ulp from a rounding boundary)
+    assert report.passed and not [m for m in report.layer_mismatches if "backbone" in m[0]], report.table()
+    records = json.loads(_props(result.path)[onnx_export.QUANTIZERS_KEY])
+    convs = {f"backbone.0.body.layer{i}.{j}.conv{k}" for i in range(1, 5) for j in range(2) for k in (1, 2)}
+    convs |= {"backbone.0.body.conv1"} | {f"backbone.0.body.layer{i}.0.downsample.0" for i in (2, 3, 4)}
+    assert {n for n, why in records["int_convs"].items() if not why} == convs, records["int_convs"]
+    assert result.rounded_biases == []  # the model carries every int32 bias
+    so = session_options(1, "extended")
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(result.path), sess_options=so, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(so.optimized_model_filepath).graph.node
+    backbone = [n.op_type for n in nodes if "backbone" in n.name]
+    assert backbone.count("QLinearConv") == 20 and backbone.count("QLinearAdd") == 8, backbone
+    assert not {"Conv", "Add"} & set(backbone), backbone
+    producer = {o: n for n in nodes for o in n.output}
+    pool = next(n for n in nodes if n.op_type == "MaxPool")
+    assert producer[pool.input[0]].op_type == "QLinearConv"  # the stem's uint8 codes are pooled
+    dq = [n.name for n in nodes if "backbone" in n.name and n.op_type == "DequantizeLinear"]
+    assert dq == ["backbone.0.body.layer4.1.out_act/DequantizeLinear"], dq  # into the float input_proj
+    assert [n.op_type for n in nodes if n.op_type == "Conv"] == ["Conv"]  # input_proj, full precision

@@ -199,20 +199,51 @@ def test_residual_quantizer_on_resnet_blocks() -> None:
 
 
 def test_presets_and_conv_bias_config() -> None:
-    """quantize --preset: "onnxruntime" = residual_bits 8 + conv_bias int32, "paper" = the method's placement;
-    explicit fields override the preset; checkpoints from before conv_bias load as "float"."""
+    """quantize --preset: "onnxruntime" = residual_bits 8 + conv_bias int32 + downsample_bits 8 + shared
+    block inputs, "paper" = the method's placement; explicit fields override the preset (residual_bits
+    "none" turns the sharing off, which needs it); checkpoints from before these fields load as the paper."""
     ort_cfg = QuantConfig.from_preset("onnxruntime", "4-4-8")
     assert (ort_cfg.residual_bits, ort_cfg.conv_bias, ort_cfg.act_zero_point) == (8, "int32", "learned")
+    assert (ort_cfg.downsample_bits, ort_cfg.shared_block_input) == (8, True)
     assert QuantConfig.from_preset("paper", "4-4-8") == QuantConfig.from_bits("4-4-8")
-    over = QuantConfig.from_preset("onnxruntime", "8-8-8", residual_bits="none", conv_bias=None)
+    over = QuantConfig.from_preset("onnxruntime", "8-8-8", residual_bits="none", conv_bias=None,
+                                   downsample_bits="none")
     assert over.residual_bits is None and over.conv_bias == "int32" and over.bits == "8-8-8"
+    assert over.downsample_bits is None and not over.shared_block_input
+    with pytest.raises(QDetrError, match="shared_block_input needs residual_bits"):
+        QuantConfig(shared_block_input=True)
+    with pytest.raises(QDetrError, match="downsample_bits=5"):
+        QuantConfig(downsample_bits=5)
     with pytest.raises(QDetrError, match="unknown preset"):
         QuantConfig.from_preset("tflite")
     with pytest.raises(QDetrError, match="conv_bias"):
         QuantConfig(conv_bias="int16")
     legacy = ort_cfg.to_dict()
-    del legacy["conv_bias"]
-    assert QuantConfig.from_dict(legacy).conv_bias == "float"
+    for key in ("conv_bias", "downsample_bits", "shared_block_input"):
+        del legacy[key]
+    old = QuantConfig.from_dict(legacy)
+    assert (old.conv_bias, old.downsample_bits, old.shared_block_input) == ("float", None, False)
+
+
+def test_shared_block_input_reads_the_codes_it_is_given() -> None:
+    """shared_block_input: a block's first conv does not quantize its input again (the previous block's
+    quantizer did), its gradient still reaches that quantizer's step, and the stem's pooling output is
+    quantized: pooling the quantized stem equals quantizing the pooled stem (both monotone)."""
+    torch.manual_seed(0)
+    model = quantize(build_detr(get_preset("detr_r18")), QuantConfig.from_preset("onnxruntime", "4-4-8"))
+    calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False)
+    body = model.backbone[0].body
+    block, prev = body.layer2[0], body.layer1[1]
+    assert block.conv1.shared_input and block.conv1.act is prev.out_act
+    x = prev(body.layer1[0](body.maxpool(body.relu(body.bn1(body.conv1(torch.randn(1, 3, 64, 64)))))))
+    direct = torch.nn.functional.conv2d(x, block.conv1.quant_weight(), None, block.conv1.stride,
+                                        block.conv1.padding)
+    assert torch.equal(block.conv1(x), direct)
+    block.conv1(x).sum().backward()
+    assert prev.out_act.alpha.grad is not None and prev.out_act.alpha.grad.abs().sum() > 0
+    y = body.relu(body.bn1(body.conv1(torch.randn(1, 3, 64, 64))))
+    pooled = torch.nn.functional.max_pool2d(body.maxpool.out_act(y), 3, 2, 1)
+    assert torch.equal(body.maxpool(y), pooled)
 
 
 def test_int32_conv_bias_on_the_grid_with_straight_through_gradient() -> None:

@@ -223,7 +223,8 @@ def test_residual_quantizer_survives_conversion():
     assert type(block.out_act).__name__ == "FakeQuantAct"  # frozen: torch.export cannot trace a live one
     # the 8-bit stem stays fake-quant; its int-bias batch norm is frozen as deployed
     assert type(engine_model.backbone[0].body.bn1).__name__ == "FoldedNorm"
-    x = torch.relu(torch.randn(1, 64, 16, 24))
+    # the block's input as the model makes it: the stem pooling's codes (the preset's shared_block_input)
+    x = model.backbone[0].body.maxpool.out_act(torch.relu(torch.randn(1, 64, 16, 24)))
     with torch.no_grad():
         want, got = model.backbone[0].body.layer1[0](x), block(x)
         step = float(model.backbone[0].body.layer1[0].bn2.out_act.qparams().step)

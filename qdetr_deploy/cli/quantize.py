@@ -21,12 +21,14 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--act-granularity", type=click.Choice(["tensor", "channel"]), default="tensor",
               show_default=True, help="Activation steps per tensor (deployable everywhere) or per channel.")
-@click.option("--da", type=click.Choice(["none", "self", "cross", "both"]), default="self", show_default=True,
-              help="Distribution alignment of decoder queries.")
+@click.option("--da", type=click.Choice(["none", "self", "cross", "both"]), default="none", show_default=True,
+              help="Distribution alignment of decoder queries (none by default, as in distill: it did not "
+                   "beat LSQ+ in docs/RESULTS.md and costs graph nodes).")
 @click.option("--preset", type=click.Choice(["onnxruntime", "paper"]), default="onnxruntime",
               show_default=True,
-              help="onnxruntime: --residual-bits 8 --conv-bias int32 (the fast ONNX Runtime graph, exported "
-                   "exactly); paper: the Q-DETR placement exactly. The options below override it.")
+              help="onnxruntime: --residual-bits 8 --conv-bias int32 --downsample-bits 8 "
+                   "--shared-block-input (an integer ResNet in ONNX Runtime, exported exactly); paper: "
+                   "the Q-DETR placement exactly. The options below override it.")
 @click.option("--residual-bits", type=click.Choice(["none", "8"]), default=None,
               help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
                    "kernels in ONNX Runtime/TensorRT; none: the paper's full-precision residual adds). "
@@ -35,14 +37,21 @@ import click
               help="int32: conv biases (batch norms folded) fake-quantized on the int32 grid of ONNX "
                    "Runtime's QLinearConv, so the export needs no rounding; float: the paper. Default: the "
                    "preset's.")
+@click.option("--downsample-bits", type=click.Choice(["none", "8"]), default=None,
+              help="Quantize the ResNet downsample convs (8: QLinearConv in ONNX Runtime; none: the paper's "
+                   "full precision). Default: the preset's.")
+@click.option("--shared-block-input/--own-block-input", default=None,
+              help="Each ResNet block's first conv and downsample read the block input's 8-bit residual "
+                   "codes (no requantization between blocks) or quantize it again at the activation bits "
+                   "(the paper). Default: the preset's.")
 @click.option("--zero-points", "act_zero_point", type=click.Choice(["learned", "zero"]), default=None,
               help="Activation zero points: learned (LSQ+, the paper; the default) or zero, with 8-bit "
                    "activations signed (every activation then exports to TensorRT int8 exactly).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow pickled objects in an upstream .pth.")
 def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
-                 preset: str, residual_bits: str | None, conv_bias: str | None, act_zero_point: str | None,
-                 trust_checkpoint: bool) -> None:
+                 preset: str, residual_bits: str | None, conv_bias: str | None, downsample_bits: str | None,
+                 shared_block_input: bool | None, act_zero_point: str | None, trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
     from qdetr_deploy.pipeline import quantize_checkpoint
 
@@ -50,6 +59,7 @@ def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int,
                                image_size=tuple(image_size), batch_size=batch_size,
                                act_granularity=act_granularity, da=da, trust=trust_checkpoint,
                                preset=preset, residual_bits=residual_bits, conv_bias=conv_bias,
+                               downsample_bits=downsample_bits, shared_block_input=shared_block_input,
                                act_zero_point=act_zero_point)
     click.echo(f"wrote {path} ({bits}, preset {preset}, calibrated with {method})")
 

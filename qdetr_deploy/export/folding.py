@@ -285,18 +285,18 @@ def _per_tensor_reason(ctx: Ctx, act: ActQuantizer | None) -> str:
     return ""
 
 
-def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt: nn.Module | None) -> str:
-    """Why ``conv`` -> ReLU -> ``nxt`` (the conv reading its output) cannot take an int32 bias and a
-    quantized output; "" when it can."""
+def int_conv_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, nxt_act: ActQuantizer | None) -> str:
+    """Why ``conv`` -> ReLU -> ``nxt_act`` (the input quantizer of the conv reading its output, or the
+    stem pooling's output quantizer) cannot take an int32 bias and a quantized output; "" when it can."""
     reason = _int_conv_common(ctx, conv, norm)
     if reason:
         return reason
-    if not isinstance(nxt, QuantConv2d):
+    if nxt_act is None:
         return "its output feeds a float layer or a residual add, not only a quantized conv"
-    reason = _per_tensor_reason(ctx, nxt.act)
+    reason = _per_tensor_reason(ctx, nxt_act)
     if reason:
         return reason
-    p = nxt.act.qparams()
+    p = nxt_act.qparams()
     if not 0 <= p.qmax - int(_np(p.zero_point).reshape(-1)[0]) <= 255:
         return "the next quantizer's codes (minus its zero point) leave a uint8 output of the conv"
     return ""
@@ -319,24 +319,27 @@ def int_out_reason(ctx: Ctx, conv: nn.Module, norm: nn.Module | None, out_act: A
 
 
 def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, name: str,
-                    norm_name: str | None, nxt: nn.Module | None, nxt_name: str, relu_name: str, *,
-                    quantized_input: bool = False) -> tuple[str, bool]:
-    """``conv`` + ``norm`` -> ReLU -> the activation quantizer of ``nxt`` (conv ``nxt_name``).
+                    norm_name: str | None, nxt_act: ActQuantizer | None, act_name: str, relu_name: str, *,
+                    quantized_input: bool = False, pool: nn.MaxPool2d | None = None) -> tuple[str, bool]:
+    """``conv`` + ``norm`` -> ReLU -> [``pool``] -> the activation quantizer ``nxt_act`` (module
+    ``act_name``: the next quantized conv's input quantizer, or the stem pooling's output quantizer).
 
     Returns (tensor, quantized): with conv_bias="int32" where :func:`int_conv_reason` allows, the
-    dequantized output of ``nxt``'s quantizer (pass ``quantized_input=True`` to ``nxt``'s conv_norm) as
+    dequantized output of ``nxt_act`` (pass ``quantized_input=True`` to the next conv's conv_norm) as
     ``Conv(int32 bias) -> Relu -> QuantizeLinear(uint8, zero point 0) -> [Clip on the uint8 codes] ->
-    DequantizeLinear``: onnxruntime fuses the conv and the Q into QLinearConv, the Clip runs on uint8 and
-    the DQ joins the next QLinearConv, so no float op sits between the two convs. Otherwise the ReLU
-    output, as before. ``quantized_input``: ``x`` already is ``conv``'s quantizer output.
+    [MaxPool on the uint8 codes] -> DequantizeLinear``: onnxruntime fuses the conv and the Q into
+    QLinearConv, the Clip and the pooling run on uint8 and the DQ joins the next QLinearConv, so no float op
+    sits between the two convs. Otherwise the ReLU output (not pooled), as before. ``quantized_input``:
+    ``x`` already is ``conv``'s quantizer output.
 
     Exactness, for the next quantizer's step a, zero point z and codes [qn, qp]: with r = round(relu(y)/a)
     >= 0, its code is clip(r + z, qn, qp); the Q gives min(r, 255), the uint8 Clip to [max(0, qn - z),
     qp - z] gives clip(r + z, qn, qp) - z (0 <= qp - z <= 255 is checked), and the DQ with zero point 0 gives
-    (code - z) * a, the fake-quant value. The codes tensor is recorded with shift -z.
+    (code - z) * a, the fake-quant value. Max pooling commutes with this monotone map, so pooling the codes
+    equals quantizing the pooled values. The codes tensor is recorded with shift -z.
     """
     g = ctx.g
-    reason = int_conv_reason(ctx, conv, norm, nxt)
+    reason = int_conv_reason(ctx, conv, norm, nxt_act)
     if ctx.conv_bias == "int32":
         ctx.int_convs[name] = reason
     if reason:
@@ -346,9 +349,8 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
     target = norm_name if norm is not None else name
     y = conv_norm(ctx, x, conv, norm, name, quantized_input=quantized_input, int_bias=(target, x_step))
     y = g.node("Relu", [y], relu_name)
-    p = nxt.act.qparams()
+    p = nxt_act.qparams()
     step, z = _np(p.step).reshape(-1)[:1], int(_np(p.zero_point).reshape(-1)[0])
-    act_name = f"{nxt_name}.act"
     s = g.const(f"{act_name}.scale", step[0])
     zp = g.const_int(f"{act_name}.zero_point", 0, T.UINT8)
     codes = g.node("QuantizeLinear", [y, s, zp], f"{act_name}/QuantizeLinear")
@@ -356,10 +358,18 @@ def conv_relu_quant(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module | None, n
     if lo > 0 or hi < 255:
         codes = g.node("Clip", [codes, g.const_int(f"{act_name}.clip_min", lo, T.UINT8),
                                 g.const_int(f"{act_name}.clip_max", hi, T.UINT8)], f"{act_name}/Clip")
+    if pool is not None:
+        codes = max_pool_node(g, codes, pool, f"{act_name}/MaxPool")
     out = g.node("DequantizeLinear", [codes, s, zp], f"{act_name}/DequantizeLinear")
     mode = "q+uint8 clip+dq" if lo > 0 or hi < 255 else "qdq"
     g.acts.append(ActRecord(act_name, codes, np.array([-z], np.int64), None, mode, "UINT8", "same"))
     return out, True
+
+
+def max_pool_node(g: GraphBuilder, x: str, pool: nn.MaxPool2d, name: str) -> str:
+    """A square MaxPool2d (ResNet's stem pooling) as an ONNX MaxPool on ``x`` (float or uint8 codes)."""
+    return g.node("MaxPool", [x], name, kernel_shape=[pool.kernel_size] * 2, strides=[pool.stride] * 2,
+                  pads=[pool.padding] * 4)
 
 
 def residual_branch(ctx: Ctx, x: str, conv: nn.Module, norm: nn.Module, name: str, norm_name: str,

@@ -5,8 +5,11 @@ transformer FFN linears and the attention projections at ``w_bits``/``a_bits``; 
 output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs, input_proj, heads) stay
 float, as do LayerNorm, softmax and residual adds (``config.residual_bits``: the residual branch of every
 ResNet block whose last conv is quantized gets per-tensor quantizers on its last batch norm's output and
-on its own output: both inputs of the next residual add; ``config.conv_bias="int32"``: the batch norm after
-every bias-free quantized conv rounds its folded bias onto the int32 grid, quant/int_bias.py).
+on its own output: both inputs of the next residual add; ``config.downsample_bits``: the downsample convs
+quantized, their batch norm's output too under ``residual_bits``; ``config.shared_block_input``: each block's
+first conv and downsample read the block input's codes, quantized once by the block before it or by the
+stem's max pooling; ``config.conv_bias="int32"``: the batch norm after every bias-free quantized conv rounds
+its folded bias onto the int32 grid, quant/int_bias.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from qdetr_deploy.quant.modules import (
     QuantLinear,
     QuantMultiheadAttention,
     quantize_output,
+    share_input_quantizer,
 )
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 from qdetr_deploy.quant.smca import quantize_smca
@@ -65,6 +69,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
     sign = config.act_sign
     stem_done = False
     for name, module in list(model.named_modules()):
+        if config.downsample_bits is not None and _is_downsample_conv(name, module):
+            bits = config.downsample_bits
+            QuantConv2d.from_float(module, bits, bits, per_ch, sign)
+            continue
         if not name or _is_fp(name, config) or isinstance(module, ActQuantizer):
             continue
         if isinstance(module, MultiheadAttention):
@@ -86,6 +94,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             if isinstance(getattr(block, f"conv{last}"), QuantConv2d):
                 quantize_output(getattr(block, f"bn{last}"), config.residual_bits, sign)
                 quantize_output(block, config.residual_bits, sign)
+            if block.downsample is not None and isinstance(block.downsample[0], QuantConv2d):
+                quantize_output(block.downsample[1], config.residual_bits, sign)
+    if config.shared_block_input:
+        share_block_inputs(model, config.residual_bits, sign)
     if config.conv_bias == "int32":
         for conv, norm in list(conv_norm_pairs(model)):
             if isinstance(conv, QuantConv2d) and conv.bias is None and conv.act.channel_dim is None:
@@ -95,6 +107,31 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             q.fix_zero_point()
     model.quant_config = config
     return model
+
+
+def _is_downsample_conv(name: str, module: nn.Module) -> bool:
+    """A ResNet block's downsample 1x1 conv (``layerN.M.downsample.0``), not yet quantized."""
+    return (type(module) is nn.Conv2d and name.endswith(".downsample.0")
+            and fnmatch.fnmatchcase(name, "backbone.*.layer*.*.downsample.0"))
+
+
+def share_block_inputs(model: nn.Module, bits: int, sign: str) -> None:
+    """``QuantConfig.shared_block_input``: in every ResNet body, the stem's max pooling gets a ``bits``-bit
+    output quantizer, and each block's first conv (and quantized downsample) reads the codes of the quantizer
+    that made its input (the pooling's, then the previous block's ``out_act``) instead of its own. Blocks
+    after one without an output quantizer keep their own input quantizers."""
+    device = next(model.parameters()).device
+    for body in model.modules():
+        if not (isinstance(getattr(body, "maxpool", None), nn.MaxPool2d) and hasattr(body, "layer1")):
+            continue
+        source = quantize_output(body.maxpool, bits, sign, device).out_act
+        for block in (b for n, layer in body.named_children() if n.startswith("layer") for b in layer):
+            if source is None or not isinstance(block.conv1, QuantConv2d):
+                break
+            share_input_quantizer(block.conv1, source)
+            if block.downsample is not None and isinstance(block.downsample[0], QuantConv2d):
+                share_input_quantizer(block.downsample[0], source)
+            source = getattr(block, "out_act", None)
 
 
 def residual_blocks(model: nn.Module) -> Iterator[nn.Module]:

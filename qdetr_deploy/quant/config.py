@@ -15,12 +15,15 @@ SIGN_RULES = ("auto", "signed")
 ZERO_POINTS = ("learned", "zero")
 CONV_BIASES = ("float", "int32")
 # Deployment presets (``quantize --preset``): QuantConfig fields on top of the paper's placement.
-# "onnxruntime": both inputs of every ResNet residual add at 8 bits and conv biases on the int32 grid, so
-# that ONNX Runtime runs every backbone conv but the full-precision ones as QLinearConv and the adds as
-# QLinearAdd, and the export equals the model exactly (docs/BENCHMARKS.md). "paper": QDETR_METHOD.md.
+# "onnxruntime": an integer ResNet between the image and the transformer: both inputs of every residual add
+# at 8 bits, conv biases on the int32 grid, 8-bit downsample convs and each block's input quantized once
+# (its 8-bit codes read by the block's first conv and downsample), so that ONNX Runtime runs every backbone
+# conv as QLinearConv, every add as QLinearAdd and the max pooling on uint8, and the export equals the model
+# exactly (docs/BENCHMARKS.md). "paper": QDETR_METHOD.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "onnxruntime": {"residual_bits": 8, "conv_bias": "int32"},
+    "onnxruntime": {"residual_bits": 8, "conv_bias": "int32", "downsample_bits": 8,
+                    "shared_block_input": True},
 }
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
@@ -65,6 +68,17 @@ class QuantConfig:
         gamma/sigma (quant/int_bias.py), the bias ONNX Runtime's QLinearConv adds; the onnxruntime export
         then needs no rounding of its own (parity exact). A deployment option: choose it before
         distillation.
+    downsample_bits: None (the paper: the ResNet downsample 1x1 convs stay full precision) or the bits of
+        their weights and input; with ``residual_bits`` their batch norm's output (the identity input of the
+        residual add) is quantized at ``residual_bits`` too. A deployment option (ONNX Runtime then runs
+        them as QLinearConv); choose it before distillation.
+    shared_block_input: False (the paper: every conv quantizes its own input at ``a_bits``) or True (needs
+        ``residual_bits``): each ResNet block's input is quantized once, at ``residual_bits``, by the
+        quantizer that made it (the previous block's ``out_act``; for the first block a new ``out_act`` of the
+        stem's max pooling), and the block's first conv (and quantized downsample) read those codes instead
+        of re-quantizing them at ``a_bits`` (their ``act`` is that quantizer, not a submodule of their own).
+        The first convs then take 8-bit inputs. A deployment option: no requantization between blocks in
+        ONNX Runtime; choose it before distillation.
     fp_modules: fnmatch patterns of module names that stay full precision.
     """
 
@@ -78,6 +92,8 @@ class QuantConfig:
     residual_bits: int | None = None
     act_zero_point: str = "learned"
     conv_bias: str = "float"
+    downsample_bits: int | None = None
+    shared_block_input: bool = False
     fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
 
     def __post_init__(self) -> None:
@@ -89,6 +105,12 @@ class QuantConfig:
         if self.residual_bits not in (None, *SUPPORTED_BITS):
             raise QDetrError(f"residual_bits={self.residual_bits} is not supported: choose none or one of "
                              f"{list(SUPPORTED_BITS)}")
+        if self.downsample_bits not in (None, *SUPPORTED_BITS):
+            raise QDetrError(f"downsample_bits={self.downsample_bits} is not supported: choose none or "
+                             f"one of {list(SUPPORTED_BITS)}")
+        if self.shared_block_input and self.residual_bits is None:
+            raise QDetrError("shared_block_input needs residual_bits: the block inputs are quantized by the "
+                             "residual quantizers")
         _check_choice("da", self.da, DA_PLACEMENTS)
         _check_choice("act_granularity", self.act_granularity, GRANULARITIES)
         _check_choice("act_sign", self.act_sign, SIGN_RULES)
@@ -107,13 +129,17 @@ class QuantConfig:
     @classmethod
     def from_preset(cls, preset: str, bits: str = "4-4-8", **kwargs: Any) -> QuantConfig:
         """``QuantConfig.from_preset("onnxruntime", "4-4-8")``: a :data:`PRESETS` entry; ``kwargs`` that are
-        not None override it (``residual_bits`` may be given as "none" or "8", as on the command line)."""
+        not None override it (``residual_bits`` and ``downsample_bits`` may be given as "none" or "8", as on
+        the command line; ``residual_bits`` "none" also turns the preset's ``shared_block_input`` off)."""
         if preset not in PRESETS:
             raise QDetrError(f"unknown preset {preset!r}: choose one of {list(PRESETS)}")
         overrides = {k: v for k, v in kwargs.items() if v is not None}
-        if isinstance(overrides.get("residual_bits"), str):
-            rb = overrides["residual_bits"]
-            overrides["residual_bits"] = None if rb == "none" else int(rb) if rb.isdigit() else rb
+        for key in ("residual_bits", "downsample_bits"):
+            if isinstance(overrides.get(key), str):
+                v = overrides[key]
+                overrides[key] = None if v == "none" else int(v) if v.isdigit() else v
+        if overrides.get("residual_bits", 0) is None and "shared_block_input" not in overrides:
+            overrides["shared_block_input"] = False  # the preset's sharing needs the residual quantizers
         return cls.from_bits(bits, **{**PRESETS[preset], **overrides})
 
     @property

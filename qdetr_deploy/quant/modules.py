@@ -11,7 +11,8 @@
 - :class:`QuantFrozenBatchNorm2d`, :class:`QuantBatchNorm2d`: a batch norm whose output is quantized
   (``out_act``): the residual branch of a ResNet block under ``QuantConfig.residual_bits``;
   :class:`QuantBasicBlock`, :class:`QuantBottleneck`: a ResNet block whose output (after its final ReLU)
-  is quantized (``out_act``), the identity input of the next block's add. Upstream names stay
+  is quantized (``out_act``), the identity input of the next block's add; :class:`QuantMaxPool2d`: the
+  stem's pooling with a quantized output (``QuantConfig.shared_block_input``). Upstream names stay
   (``bn2.weight``, ...); the quantizers add ``bn2.out_act.*`` and ``layer1.0.out_act.*``.
 """
 
@@ -29,7 +30,15 @@ from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
 
 class QuantConv2d(WeightQuantMixin, nn.Conv2d):
-    """Conv2d with LSQ+ weight (per output channel) and input (NCHW, channel dim 1) quantization."""
+    """Conv2d with LSQ+ weight (per output channel) and input (NCHW, channel dim 1) quantization.
+
+    ``act`` is the input quantizer: a submodule of its own, or (``QuantConfig.shared_block_input``,
+    :func:`share_input_quantizer`) the quantizer of the module that made the input, which has quantized it
+    already (``shared_input``: then the forward does not apply it again; export and the int32 bias grid
+    read its step all the same).
+    """
+
+    shared_input: bool = False
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int, per_channel_act: bool,
@@ -41,7 +50,18 @@ class QuantConv2d(WeightQuantMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.act(x), self.quant_weight(), self.bias)
+        x = x if self.shared_input else self.act(x)
+        return self._conv_forward(x, self.quant_weight(), self.bias)
+
+
+def share_input_quantizer(conv: QuantConv2d, quantizer: ActQuantizer) -> QuantConv2d:
+    """Make ``conv`` read the codes of ``quantizer`` (owned by the module that makes ``conv``'s input)
+    instead of quantizing its input itself: its own ``act`` submodule goes (no state of its own), ``act``
+    names ``quantizer`` outside ``_modules`` (one owner in the state dict), in place."""
+    conv._modules.pop("act", None)
+    object.__setattr__(conv, "act", quantizer)
+    conv.shared_input = True
+    return conv
 
 
 class QuantLinear(WeightQuantMixin, nn.Linear):
@@ -157,16 +177,23 @@ class QuantBottleneck(_OutputQuantMixin, Bottleneck):
     """torchvision Bottleneck with a quantized output (after its final ReLU)."""
 
 
+class QuantMaxPool2d(_OutputQuantMixin, nn.MaxPool2d):
+    """The ResNet stem's max pooling with a quantized output: the first block's input
+    (``QuantConfig.shared_block_input``). Max pooling commutes with a quantizer (both are monotone), so the
+    deployed graph pools the stem's codes."""
+
+
 _OUTPUT_QUANT = {FrozenBatchNorm2d: QuantFrozenBatchNorm2d, nn.BatchNorm2d: QuantBatchNorm2d,
-                 BasicBlock: QuantBasicBlock, Bottleneck: QuantBottleneck}
+                 BasicBlock: QuantBasicBlock, Bottleneck: QuantBottleneck, nn.MaxPool2d: QuantMaxPool2d}
 
 
-def quantize_output(module: nn.Module, bits: int, sign_rule: str) -> nn.Module:
-    """Give a batch norm or a ResNet block a ``bits``-bit per-tensor output quantizer ``out_act``, in
-    place."""
+def quantize_output(module: nn.Module, bits: int, sign_rule: str,
+                    device: torch.device | None = None) -> nn.Module:
+    """Give a batch norm, a ResNet block or a max pooling a ``bits``-bit per-tensor output quantizer
+    ``out_act``, in place (``device``: where the quantizer lives, default the module's buffers')."""
     if type(module) not in _OUTPUT_QUANT:
         raise TypeError(f"cannot quantize the output of a {type(module).__name__}")
-    device = next(iter(module.buffers())).device
+    device = device or next(iter(module.buffers())).device
     module.__class__ = _OUTPUT_QUANT[type(module)]
     module.out_act = ActQuantizer(bits, 1, None, sign_rule).to(device)
     return module

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdetr_deploy.export.folding import _np, act_quant, conv_norm, weight_dq
+from qdetr_deploy.export.folding import _np, act_quant, conv_norm, max_pool_node, weight_dq
 from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
 from qdetr_deploy.models.backbone import FrozenBatchNorm2d
 from qdetr_deploy.quant.int_bias import (
@@ -19,7 +19,13 @@ from qdetr_deploy.quant.int_bias import (
     QuantIntBiasBatchNorm2d,
     QuantIntBiasFrozenBatchNorm2d,
 )
-from qdetr_deploy.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantFrozenBatchNorm2d, QuantLinear
+from qdetr_deploy.quant.modules import (
+    QuantBatchNorm2d,
+    QuantConv2d,
+    QuantFrozenBatchNorm2d,
+    QuantLinear,
+    QuantMaxPool2d,
+)
 from qdetr_deploy.quant.quantizers import ActQuantizer, WeightQuantMixin
 
 #: batch norms folded into the conv before them; the int-bias ones (QuantConfig.conv_bias="int32") carry
@@ -36,9 +42,10 @@ def conv(ctx: LowerCtx, module: nn.Conv2d, x: str, norm: nn.Module | None = None
     return conv_norm(ctx, x, module, norm, ctx.name(module), quantized_input=quantized_input)
 
 
-@lowers(nn.Sequential, consumes=NORMS)
+@lowers(nn.Sequential, consumes=(*NORMS, ActQuantizer))
 def sequential(ctx: LowerCtx, module: nn.Sequential, x: str) -> str:
-    """Children in order; a batch norm right after a conv is folded into it."""
+    """Children in order; a batch norm right after a conv is folded into it, then its output quantizer
+    (``out_act``, a quantized downsample's identity) if any."""
     children = list(module)
     i = 0
     while i < len(children):
@@ -46,6 +53,8 @@ def sequential(ctx: LowerCtx, module: nn.Sequential, x: str) -> str:
         norm = children[i + 1] if i + 1 < len(children) and type(children[i + 1]) in NORMS else None
         if isinstance(child, nn.Conv2d):
             x = lower(ctx, child, x, norm)
+            if getattr(norm, "out_act", None) is not None:
+                x = act_quant(ctx, x, norm.out_act, f"{ctx.name(norm)}.out_act", axis=1, rank=4, feeds="Add")
             i += 2 if norm is not None else 1
             continue
         x = lower(ctx, child, x)
@@ -60,8 +69,16 @@ def relu(ctx: LowerCtx, module: nn.ReLU, x: str) -> str:
 
 @lowers(nn.MaxPool2d)
 def max_pool(ctx: LowerCtx, module: nn.MaxPool2d, x: str) -> str:
-    return ctx.g.node("MaxPool", [x], f"{ctx.name(module)}/MaxPool", kernel_shape=[module.kernel_size] * 2,
-                      strides=[module.stride] * 2, pads=[module.padding] * 4)
+    return max_pool_node(ctx.g, x, module, f"{ctx.name(module)}/MaxPool")
+
+
+@lowers(QuantMaxPool2d, consumes=(ActQuantizer,))
+def quant_max_pool(ctx: LowerCtx, module: QuantMaxPool2d, x: str) -> str:
+    """The stem's pooling with its output quantizer (QuantConfig.shared_block_input) on a float input; the
+    backbone's body rule pools the codes instead where the stem runs as QLinearConv."""
+    name = ctx.name(module)
+    y = max_pool_node(ctx.g, x, module, f"{name}/MaxPool")
+    return act_quant(ctx, y, module.out_act, f"{name}.out_act", axis=1, rank=4, feeds="Conv")
 
 
 @lowers(nn.Linear, QuantLinear, consumes=(ActQuantizer,))
