@@ -29,9 +29,11 @@ becomes which nodes is theirs. Conventions (docs/ARCHITECTURE.md "ONNX model"; Q
   nothing and every delta is 0. Everything else keeps the exact float bias (a separate Add).
 - Linear biases are [1,N] initializers: a 1-D bias lets onnxruntime fuse MatMul+Add into a float Gemm
   before its Q/DQ fusion, which would keep the layer out of MatMulIntegerToFloat.
-- DA, LayerNorm, softmax, residual adds and the heads stay float. A residual-branch quantizer
-  (``QuantConfig.residual_bits``: ``bnN.out_act`` of a ResNet block's last batch norm) becomes the Q/DQ
-  on that input of the add (:func:`residual_branch`).
+- DA, LayerNorm, softmax, the transformer's residual adds and the heads stay float. A residual-branch
+  quantizer (``QuantConfig.residual_bits``: ``bnN.out_act`` of a ResNet block's last batch norm, or
+  ``downsample.1.out_act`` of a quantized downsample) becomes the Q/DQ on that input of the add
+  (:func:`residual_branch`); the stem pooling's quantizer (``QuantConfig.shared_block_input``) pools the
+  stem's uint8 codes (:func:`conv_relu_quant` with ``pool``).
 """
 
 from __future__ import annotations
@@ -118,13 +120,21 @@ ORT_PER_CHANNEL_MATMUL = ("per-channel/per-head activation Q/DQ before a MatMul:
 
 
 def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int | None = None, rank: int = 3,
-              layout: str = "same", feeds: str = "MatMul") -> str:
+              layout: str = "same", feeds: str = "MatMul", dq_gain: float | None = None) -> str:
     """The activation quantizer ``act`` (module ``name``) on tensor ``x``: returns the dequantized tensor.
 
     ``axis``: the graph axis that carries its channels/heads when per-channel (PyTorch's channel dim in the
     graph's layout); ``layout``: how the graph tensor relates to PyTorch's ("kT": last two dims swapped);
     ``feeds``: the op that reads the result ("MatMul", "Conv" or "Add": uint8 preferred for the last two
-    under conv_bias="int32", as onnxruntime's QLinearConv wants).
+    under conv_bias="int32", as onnxruntime's QLinearConv wants). ``dq_gain``: a constant factor folded
+    into the DequantizeLinear's scale (the attention scaling, when the result feeds only the scores
+    MatMul: onnxruntime's MatMulIntegerToFloat then applies it with the scales, no float Mul); the codes
+    are the quantizer's either way.
+
+    Where the codes need a Clip to their narrow range in an 8-bit dtype (onnxruntime, opset >= 12, per
+    tensor), it runs on the codes after the QuantizeLinear (a quarter of the bytes of the float input, and
+    uint8 preferred before a MatMul as before a Conv); the TensorRT target and per-channel quantizers clip
+    the float input (Clip, or Max/Min with per-channel bounds).
     """
     if act is None:
         return x
@@ -138,17 +148,21 @@ def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int |
     if per_ch and axis is None:
         raise ValueError(f"{name}: per-channel quantizer without a graph axis")
     axis = axis if per_ch else None
+    codes_clip = ctx.target == "onnxruntime" and not per_ch and ctx.g.opset >= 12
     plan = plan_act(p.qmin, p.qmax, z, p.bits, p.signed, per_ch, ctx.target, ctx.container,
-                    prefer_uint8=feeds != "MatMul" and ctx.conv_bias == "int32")
+                    prefer_uint8=(feeds != "MatMul" and ctx.conv_bias == "int32") or codes_clip)
     if per_ch and feeds == "MatMul" and ctx.target == "onnxruntime":
         plan = ORT_PER_CHANNEL_MATMUL
     g, shape = ctx.g, _bshape(axis, rank, step.size)
     if isinstance(plan, str):
         ctx.fallbacks.append((name, plan))
-        return _fake_quant(ctx, x, step.reshape(shape), z.reshape(shape), p.qmin, p.qmax, name, axis, plan,
-                           layout)
+        out = _fake_quant(ctx, x, step.reshape(shape), z.reshape(shape), p.qmin, p.qmax, name, axis, plan,
+                          layout)
+        return out if dq_gain is None else g.node("Mul", [out, g.const(f"{name}.gain", np.float32(dq_gain))],
+                                                  f"{name}/gain")
     dtype, shift, clip = plan
-    if clip:
+    codes_clip = codes_clip and clip and dtype in (T.UINT8, T.INT8)
+    if clip and not codes_clip:
         lo = (step * (p.qmin - z).astype(np.float32)).astype(np.float32)
         hi = (step * (p.qmax - z).astype(np.float32)).astype(np.float32)
         if per_ch:  # Clip takes scalars only
@@ -161,8 +175,13 @@ def act_quant(ctx: Ctx, x: str, act: ActQuantizer | None, name: str, axis: int |
     zp = g.const_int(f"{name}.zero_point", (z + shift) if per_ch else (z + shift)[0], dtype)
     attrs = {"axis": axis} if per_ch else {}
     q = g.node("QuantizeLinear", [x, s, zp], f"{name}/QuantizeLinear", **attrs)
-    out = g.node("DequantizeLinear", [q, s, zp], f"{name}/DequantizeLinear", **attrs)
-    g.acts.append(ActRecord(name, q, shift, axis, "clip+qdq" if clip else "qdq", DTYPE_NAMES[dtype], layout))
+    mode = "clip+qdq" if clip else "qdq"
+    if codes_clip:  # Q saturates to the dtype, then the codes are clipped to [qn, qp] shifted: the same codes
+        q = g.node("Clip", [q, g.const_int(f"{name}.codes_min", int(p.qmin + shift[0]), dtype),
+                            g.const_int(f"{name}.codes_max", int(p.qmax + shift[0]), dtype)], f"{name}/Clip")
+    s_dq = s if dq_gain is None else g.const(f"{name}.scale_x_gain", (step * np.float32(dq_gain))[0])
+    out = g.node("DequantizeLinear", [q, s_dq, zp], f"{name}/DequantizeLinear", **attrs)
+    g.acts.append(ActRecord(name, q, shift, axis, mode, DTYPE_NAMES[dtype], layout))
     return out
 
 

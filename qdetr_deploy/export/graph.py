@@ -33,7 +33,9 @@ class ActRecord:
     ``codes``: the tensor holding its integer codes (a QuantizeLinear output, or the Clip output of a
     float fake-quant subgraph); ``shift``: graph code minus PyTorch code (per channel when ``axis`` is
     set); ``layout``: "same" or "kT" (the graph holds k transposed, [B,h,d,L]); ``mode``: "qdq",
-    "clip+qdq" or "float" (fake-quant fallback, ``reason`` says why).
+    "clip+qdq" (the codes need a Clip to their narrow range: on the float input, or on the codes after the Q
+    for onnxruntime), "q+uint8 clip+dq" (a conv's uint8 output clipped) or "float" (fake-quant fallback,
+    ``reason`` says why).
     """
 
     module: str

@@ -1,9 +1,10 @@
 """Rules of attention: ``MultiheadAttention`` (float) and ``QuantMultiheadAttention`` (quantized projections,
 8-bit q/k/v/softmax, optional DA), and distribution alignment.
 
-Sequence-first [L,B,E] as the model: project, split heads, DA(q) -> Q8(q), Q8(k^T), scores * scaling,
-softmax, Q8(attn), @ Q8(v), merge heads, out_proj. k is quantized already transposed ([B,h,d,L]) so its
-DequantizeLinear feeds the MatMul directly. The graph has no key-padding mask (the canvas is the input).
+Sequence-first [L,B,E] as the model: project, split heads, DA(q) -> Q8(q), Q8(k^T), scores * scaling
+(folded into k's dequantization scale where k is quantized per tensor), softmax, Q8(attn), @ Q8(v), merge
+heads, out_proj. k is quantized already transposed ([B,h,d,L]) so its DequantizeLinear feeds the MatMul
+directly. The graph has no key-padding mask (the canvas is the input).
 """
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ def attention(ctx: LowerCtx, mha: MultiheadAttention, query: str, key: str, valu
     if quant and mha.norm_q is not None:
         q = lower(ctx, mha.norm_q, q)
     q = act_quant(ctx, q, qa("q_act"), f"{name}.q_act", axis=1, rank=4)
-    kt = act_quant(ctx, kt, qa("k_act"), f"{name}.k_act", axis=1, rank=4, layout="kT")
-    scores = g.node("MatMul", [q, kt], f"{name}/scores/MatMul")
-    scores = g.node("Mul", [scores, g.const(f"{name}.scaling", np.float32(mha.scaling))], f"{name}/scaling")
+    if quant and mha.k_act.channel_dim is None:  # the scaling joins k's dequantization scale (one Mul less)
+        kt = act_quant(ctx, kt, mha.k_act, f"{name}.k_act", axis=1, rank=4, layout="kT",
+                       dq_gain=float(np.float32(mha.scaling)))
+        scores = g.node("MatMul", [q, kt], f"{name}/scores/MatMul")
+    else:
+        kt = act_quant(ctx, kt, qa("k_act"), f"{name}.k_act", axis=1, rank=4, layout="kT")
+        scores = g.node("MatMul", [q, kt], f"{name}/scores/MatMul")
+        scores = g.node("Mul", [scores, g.const(f"{name}.scaling", np.float32(mha.scaling))],
+                        f"{name}/scaling")
     attn = g.node("Softmax", [scores], f"{name}/Softmax", axis=-1)
     attn = act_quant(ctx, attn, qa("attn_act"), f"{name}.attn_act", axis=1, rank=4)
     v = act_quant(ctx, v, qa("v_act"), f"{name}.v_act", axis=1, rank=4)

@@ -7,6 +7,7 @@ The numeric rules (Q/DQ planning, weight containers, batch-norm folding, int32 b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,11 +112,23 @@ def matmul_bias(ctx: LowerCtx, x: str, w: str, bias: torch.Tensor | None, name: 
 
 @lowers(nn.LayerNorm)
 def layer_norm(ctx: LowerCtx, module: nn.LayerNorm, x: str) -> str:
-    """LayerNorm over the last axis, float (nothing quantized around it)."""
+    """LayerNorm over the last axis, float (nothing quantized around it).
+
+    onnxruntime target: on the input flattened to 2-D [N, D] and reshaped back (the shape of ``x``, a
+    constant that onnxruntime folds for a static input). The same arithmetic; it keeps onnxruntime from
+    fusing the residual Add before it into SkipLayerNormalization (3-D inputs only), whose CPU kernel is 4-5x
+    slower than an Add and a LayerNormalization at DETR's sizes (docs/BENCHMARKS.md)."""
     g, name = ctx.g, ctx.name(module)
-    return g.node("LayerNormalization", [x, g.const(f"{name}.weight", _np(module.weight)),
-                                         g.const(f"{name}.bias", _np(module.bias))],
-                  f"{name}/LayerNormalization", axis=-1, epsilon=float(module.eps))
+    y = x
+    if ctx.target == "onnxruntime":
+        flat = g.const(f"{name}.flat_shape", np.array([-1, module.weight.shape[-1]], np.int64), np.int64)
+        y = g.node("Reshape", [x, flat], f"{name}/flatten")
+    y = g.node("LayerNormalization", [y, g.const(f"{name}.weight", _np(module.weight)),
+                                      g.const(f"{name}.bias", _np(module.bias))],
+               f"{name}/LayerNormalization", axis=-1, epsilon=float(module.eps))
+    if ctx.target == "onnxruntime":
+        y = g.node("Reshape", [y, g.node("Shape", [x], f"{name}/Shape")], f"{name}/unflatten")
+    return y
 
 
 def reduce(ctx: LowerCtx, op: str, x: str, axes: list[int], name: str, keepdims: int = 1) -> str:
