@@ -26,14 +26,16 @@ def quantize_checkpoint(teacher: str | os.PathLike, output: str | os.PathLike, *
                         progress: bool = True, preset: str = "onnxruntime",
                         residual_bits: int | str | None = None, act_zero_point: str | None = None,
                         conv_bias: str | None = None, downsample_bits: int | str | None = None,
+                        input_proj_bits: int | str | None = None,
                         shared_block_input: bool | None = None) -> Path:
     """Load a full-precision checkpoint (ours or upstream .pth), quantize it to ``bits``, calibrate every step
     on ``calib_size`` images of ``calib`` and save the student (.safetensors) with its provenance.
     ``preset``: a deployment preset of QuantConfig (``quant.config.PRESETS``: "onnxruntime", the default,
     or "paper", the method exactly; the onnxruntime preset's fields are for ResNet and tiny backbones, so an
-    SMCA-DETR gets "paper", its released placement); ``residual_bits`` and ``downsample_bits`` ("none" or
-    8), ``shared_block_input``, ``act_zero_point``, ``conv_bias``: QuantConfig fields overriding the preset
-    where not None. ``da``: "none" by default (docs/RESULTS.md: DA did not beat LSQ+)."""
+    SMCA-DETR gets "paper", its released placement); ``residual_bits``, ``downsample_bits`` and
+    ``input_proj_bits`` ("none" or 8), ``shared_block_input``, ``act_zero_point``, ``conv_bias``:
+    QuantConfig fields overriding the preset where not None. ``da``: "none" by default (docs/RESULTS.md:
+    DA did not beat LSQ+)."""
     output = check_output_path(output)
     if method not in CALIBRATION_METHODS:
         raise QDetrError(f"calibration method {method!r} is not one of {list(CALIBRATION_METHODS)}")
@@ -49,7 +51,7 @@ def quantize_checkpoint(teacher: str | os.PathLike, output: str | os.PathLike, *
     config = QuantConfig.from_preset(preset, bits, act_granularity=act_granularity, da=da,
                                      residual_bits=residual_bits, act_zero_point=act_zero_point,
                                      conv_bias=conv_bias, downsample_bits=downsample_bits,
-                                     shared_block_input=shared_block_input)
+                                     input_proj_bits=input_proj_bits, shared_block_input=shared_block_input)
     model = quantize(ckpt.model.eval(), config)
     size = (int(image_size[0]), int(image_size[1]))
     calibrate(model, image_batches(files, size, batch_size), method=method, progress=progress)

@@ -200,11 +200,12 @@ def test_residual_quantizer_on_resnet_blocks() -> None:
 
 def test_presets_and_conv_bias_config() -> None:
     """quantize --preset: "onnxruntime" = residual_bits 8 + conv_bias int32 + downsample_bits 8 + shared
-    block inputs, "paper" = the method's placement; explicit fields override the preset (residual_bits
-    "none" turns the sharing off, which needs it); checkpoints from before these fields load as the paper."""
+    block inputs + input_proj_bits 8, "paper" = the method's placement; explicit fields override the
+    preset (residual_bits "none" turns the sharing off, which needs it); checkpoints from before these
+    fields load as the paper."""
     ort_cfg = QuantConfig.from_preset("onnxruntime", "4-4-8")
     assert (ort_cfg.residual_bits, ort_cfg.conv_bias, ort_cfg.act_zero_point) == (8, "int32", "learned")
-    assert (ort_cfg.downsample_bits, ort_cfg.shared_block_input) == (8, True)
+    assert (ort_cfg.downsample_bits, ort_cfg.shared_block_input, ort_cfg.input_proj_bits) == (8, True, 8)
     assert QuantConfig.from_preset("paper", "4-4-8") == QuantConfig.from_bits("4-4-8")
     over = QuantConfig.from_preset("onnxruntime", "8-8-8", residual_bits="none", conv_bias=None,
                                    downsample_bits="none")
@@ -219,10 +220,11 @@ def test_presets_and_conv_bias_config() -> None:
     with pytest.raises(QDetrError, match="conv_bias"):
         QuantConfig(conv_bias="int16")
     legacy = ort_cfg.to_dict()
-    for key in ("conv_bias", "downsample_bits", "shared_block_input"):
+    for key in ("conv_bias", "downsample_bits", "shared_block_input", "input_proj_bits"):
         del legacy[key]
     old = QuantConfig.from_dict(legacy)
-    assert (old.conv_bias, old.downsample_bits, old.shared_block_input) == ("float", None, False)
+    assert (old.conv_bias, old.downsample_bits, old.shared_block_input, old.input_proj_bits) == (
+        "float", None, False, None)
 
 
 def test_shared_block_input_reads_the_codes_it_is_given() -> None:
@@ -235,6 +237,7 @@ def test_shared_block_input_reads_the_codes_it_is_given() -> None:
     body = model.backbone[0].body
     block, prev = body.layer2[0], body.layer1[1]
     assert block.conv1.shared_input and block.conv1.act is prev.out_act
+    assert model.input_proj.shared_input and model.input_proj.act is body.layer4[1].out_act
     x = prev(body.layer1[0](body.maxpool(body.relu(body.bn1(body.conv1(torch.randn(1, 3, 64, 64)))))))
     direct = torch.nn.functional.conv2d(x, block.conv1.quant_weight(), None, block.conv1.stride,
                                         block.conv1.padding)

@@ -27,7 +27,8 @@ import click
 @click.option("--preset", type=click.Choice(["onnxruntime", "paper"]), default="onnxruntime",
               show_default=True,
               help="onnxruntime: --residual-bits 8 --conv-bias int32 --downsample-bits 8 "
-                   "--shared-block-input (an integer ResNet in ONNX Runtime, exported exactly); paper: "
+                   "--shared-block-input --input-proj-bits 8 (an integer ResNet in ONNX Runtime, exported "
+                   "exactly); paper: "
                    "the Q-DETR placement exactly. The options below override it.")
 @click.option("--residual-bits", type=click.Choice(["none", "8"]), default=None,
               help="Quantize the residual branch of ResNet blocks (8: the block's last conv runs on integer "
@@ -40,6 +41,9 @@ import click
 @click.option("--downsample-bits", type=click.Choice(["none", "8"]), default=None,
               help="Quantize the ResNet downsample convs (8: QLinearConv in ONNX Runtime; none: the paper's "
                    "full precision). Default: the preset's.")
+@click.option("--input-proj-bits", type=click.Choice(["none", "8"]), default=None,
+              help="Quantize DETR's input_proj (8: the backbone's last conv gets an integer output; none: "
+                   "the paper's full precision). Default: the preset's.")
 @click.option("--shared-block-input/--own-block-input", default=None,
               help="Each ResNet block's first conv and downsample read the block input's 8-bit residual "
                    "codes (no requantization between blocks) or quantize it again at the activation bits "
@@ -51,7 +55,8 @@ import click
 def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int, method: str,
                  image_size: tuple[int, int], batch_size: int, act_granularity: str, da: str,
                  preset: str, residual_bits: str | None, conv_bias: str | None, downsample_bits: str | None,
-                 shared_block_input: bool | None, act_zero_point: str | None, trust_checkpoint: bool) -> None:
+                 input_proj_bits: str | None, shared_block_input: bool | None, act_zero_point: str | None,
+                 trust_checkpoint: bool) -> None:
     """Quantize TEACHER (ours or an upstream DETR .pth) and calibrate it on --calib images."""
     from qdetr_deploy.pipeline import quantize_checkpoint
 
@@ -59,7 +64,8 @@ def quantize_cmd(teacher: str, out: str, bits: str, calib: str, calib_size: int,
                                image_size=tuple(image_size), batch_size=batch_size,
                                act_granularity=act_granularity, da=da, trust=trust_checkpoint,
                                preset=preset, residual_bits=residual_bits, conv_bias=conv_bias,
-                               downsample_bits=downsample_bits, shared_block_input=shared_block_input,
+                               downsample_bits=downsample_bits, input_proj_bits=input_proj_bits,
+                               shared_block_input=shared_block_input,
                                act_zero_point=act_zero_point)
     click.echo(f"wrote {path} ({bits}, preset {preset}, calibrated with {method})")
 

@@ -6,7 +6,8 @@ output at ``attn_bits``; layers matching ``config.fp_modules`` (downsample convs
 float, as do LayerNorm, softmax and residual adds (``config.residual_bits``: the residual branch of every
 ResNet block whose last conv is quantized gets per-tensor quantizers on its last batch norm's output and
 on its own output: both inputs of the next residual add; ``config.downsample_bits``: the downsample convs
-quantized, their batch norm's output too under ``residual_bits``; ``config.shared_block_input``: each block's
+quantized, their batch norm's output too under ``residual_bits``; ``config.input_proj_bits``: DETR's
+input_proj quantized; ``config.shared_block_input``: each block's
 first conv and downsample read the block input's codes, quantized once by the block before it or by the
 stem's max pooling; ``config.conv_bias="int32"``: the batch norm after every bias-free quantized conv rounds
 its folded bias onto the int32 grid, quant/int_bias.py).
@@ -73,6 +74,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             bits = config.downsample_bits
             QuantConv2d.from_float(module, bits, bits, per_ch, sign)
             continue
+        if config.input_proj_bits is not None and name == "input_proj" and type(module) is nn.Conv2d:
+            bits = config.input_proj_bits
+            QuantConv2d.from_float(module, bits, bits, per_ch, sign)
+            continue
         if not name or _is_fp(name, config) or isinstance(module, ActQuantizer):
             continue
         if isinstance(module, MultiheadAttention):
@@ -97,7 +102,9 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             if block.downsample is not None and isinstance(block.downsample[0], QuantConv2d):
                 quantize_output(block.downsample[1], config.residual_bits, sign)
     if config.shared_block_input:
-        share_block_inputs(model, config.residual_bits, sign)
+        last = share_block_inputs(model, config.residual_bits, sign)
+        if last is not None and isinstance(getattr(model, "input_proj", None), QuantConv2d):
+            share_input_quantizer(model.input_proj, last)  # it reads the last block's codes
     if config.conv_bias == "int32":
         for conv, norm in list(conv_norm_pairs(model)):
             if isinstance(conv, QuantConv2d) and conv.bias is None and conv.act.channel_dim is None:
@@ -115,23 +122,27 @@ def _is_downsample_conv(name: str, module: nn.Module) -> bool:
             and fnmatch.fnmatchcase(name, "backbone.*.layer*.*.downsample.0"))
 
 
-def share_block_inputs(model: nn.Module, bits: int, sign: str) -> None:
+def share_block_inputs(model: nn.Module, bits: int, sign: str) -> ActQuantizer | None:
     """``QuantConfig.shared_block_input``: in every ResNet body, the stem's max pooling gets a ``bits``-bit
     output quantizer, and each block's first conv (and quantized downsample) reads the codes of the quantizer
     that made its input (the pooling's, then the previous block's ``out_act``) instead of its own. Blocks
-    after one without an output quantizer keep their own input quantizers."""
+    after one without an output quantizer keep their own input quantizers. Returns the quantizer of the
+    last body's output (None if it has none)."""
     device = next(model.parameters()).device
+    source = None
     for body in model.modules():
         if not (isinstance(getattr(body, "maxpool", None), nn.MaxPool2d) and hasattr(body, "layer1")):
             continue
         source = quantize_output(body.maxpool, bits, sign, device).out_act
         for block in (b for n, layer in body.named_children() if n.startswith("layer") for b in layer):
             if source is None or not isinstance(block.conv1, QuantConv2d):
+                source = None
                 break
             share_input_quantizer(block.conv1, source)
             if block.downsample is not None and isinstance(block.downsample[0], QuantConv2d):
                 share_input_quantizer(block.downsample[0], source)
             source = getattr(block, "out_act", None)
+    return source
 
 
 def residual_blocks(model: nn.Module) -> Iterator[nn.Module]:

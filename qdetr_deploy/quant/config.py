@@ -17,13 +17,13 @@ CONV_BIASES = ("float", "int32")
 # Deployment presets (``quantize --preset``): QuantConfig fields on top of the paper's placement.
 # "onnxruntime": an integer ResNet between the image and the transformer: both inputs of every residual add
 # at 8 bits, conv biases on the int32 grid, 8-bit downsample convs and each block's input quantized once
-# (its 8-bit codes read by the block's first conv and downsample), so that ONNX Runtime runs every backbone
-# conv as QLinearConv, every add as QLinearAdd and the max pooling on uint8, and the export equals the model
-# exactly (docs/BENCHMARKS.md). "paper": QDETR_METHOD.md.
+# (its 8-bit codes read by the block's first conv and downsample) and an 8-bit input_proj, so that ONNX
+# Runtime runs every backbone conv as QLinearConv, every add as QLinearAdd and the max pooling on uint8, and
+# the export equals the model exactly (docs/BENCHMARKS.md). "paper": QDETR_METHOD.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "onnxruntime": {"residual_bits": 8, "conv_bias": "int32", "downsample_bits": 8,
-                    "shared_block_input": True},
+                    "shared_block_input": True, "input_proj_bits": 8},
 }
 
 # Layers kept in full precision (QDETR_METHOD.md §1): downsample 1x1 convs, input_proj, the heads.
@@ -79,6 +79,10 @@ class QuantConfig:
         of re-quantizing them at ``a_bits`` (their ``act`` is that quantizer, not a submodule of their own).
         The first convs then take 8-bit inputs. A deployment option: no requantization between blocks in
         ONNX Runtime; choose it before distillation.
+    input_proj_bits: None (the paper: DETR's input_proj 1x1 conv stays full precision) or the bits of its
+        weights and input. The backbone's last conv then has a quantized output (QLinearConv in ONNX Runtime);
+        under ``shared_block_input`` input_proj reads the last ResNet block's codes. A deployment option;
+        choose it before distillation.
     fp_modules: fnmatch patterns of module names that stay full precision.
     """
 
@@ -94,6 +98,7 @@ class QuantConfig:
     conv_bias: str = "float"
     downsample_bits: int | None = None
     shared_block_input: bool = False
+    input_proj_bits: int | None = None
     fp_modules: tuple[str, ...] = field(default_factory=lambda: DEFAULT_FP_MODULES)
 
     def __post_init__(self) -> None:
@@ -105,9 +110,10 @@ class QuantConfig:
         if self.residual_bits not in (None, *SUPPORTED_BITS):
             raise QDetrError(f"residual_bits={self.residual_bits} is not supported: choose none or one of "
                              f"{list(SUPPORTED_BITS)}")
-        if self.downsample_bits not in (None, *SUPPORTED_BITS):
-            raise QDetrError(f"downsample_bits={self.downsample_bits} is not supported: choose none or "
-                             f"one of {list(SUPPORTED_BITS)}")
+        for name in ("downsample_bits", "input_proj_bits"):
+            if getattr(self, name) not in (None, *SUPPORTED_BITS):
+                raise QDetrError(f"{name}={getattr(self, name)} is not supported: choose none or one of "
+                                 f"{list(SUPPORTED_BITS)}")
         if self.shared_block_input and self.residual_bits is None:
             raise QDetrError("shared_block_input needs residual_bits: the block inputs are quantized by the "
                              "residual quantizers")
@@ -129,12 +135,13 @@ class QuantConfig:
     @classmethod
     def from_preset(cls, preset: str, bits: str = "4-4-8", **kwargs: Any) -> QuantConfig:
         """``QuantConfig.from_preset("onnxruntime", "4-4-8")``: a :data:`PRESETS` entry; ``kwargs`` that are
-        not None override it (``residual_bits`` and ``downsample_bits`` may be given as "none" or "8", as on
-        the command line; ``residual_bits`` "none" also turns the preset's ``shared_block_input`` off)."""
+        not None override it (``residual_bits``, ``downsample_bits`` and ``input_proj_bits`` may be given as
+        "none" or "8", as on the command line; ``residual_bits`` "none" also turns the preset's
+        ``shared_block_input`` off)."""
         if preset not in PRESETS:
             raise QDetrError(f"unknown preset {preset!r}: choose one of {list(PRESETS)}")
         overrides = {k: v for k, v in kwargs.items() if v is not None}
-        for key in ("residual_bits", "downsample_bits"):
+        for key in ("residual_bits", "downsample_bits", "input_proj_bits"):
             if isinstance(overrides.get(key), str):
                 v = overrides[key]
                 overrides[key] = None if v == "none" else int(v) if v.isdigit() else v

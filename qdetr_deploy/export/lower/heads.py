@@ -20,7 +20,9 @@ def detr(ctx: LowerCtx, model: DETR, images: str) -> tuple[str, str]:
     layer. ``query_embed`` is a constant of the transformer's rule."""
     features, pos = lower(ctx, model.backbone, images, nxt=model.input_proj)
     proj = ctx.name(model.input_proj)
-    pre = any(r.module == f"{proj}.act" for r in ctx.g.acts)  # quantized by the backbone's last conv
+    # quantized by the backbone's last conv, or the last ResNet block's codes (QuantConfig.shared_block_input)
+    pre = (getattr(model.input_proj, "shared_input", False)
+           or any(r.module == f"{proj}.act" for r in ctx.g.acts))
     src = lower(ctx, model.input_proj, features, quantized_input=pre)
     hs = lower(ctx, model.transformer, src, pos, model.query_embed.weight)
     logits = lower(ctx, model.class_embed, hs)
