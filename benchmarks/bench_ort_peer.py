@@ -224,8 +224,9 @@ batch 1, {args.threads} intra-op threads, optimisation level "all", median of {a
 graph, all graphs of a row group interleaved in one run (blocks of {BLOCK}) after {args.warmup} warm-up
 rounds. "ort u8s8": `onnxruntime.quantization.quantize_static` of the fp32 export (QDQ, per-channel, uint8
 activations / int8 weights, MinMax on the first {args.calib} coco128 images). "ours": `quantize` with its
-default preset (`--preset onnxruntime`: `--residual-bits 8 --conv-bias int32`), LSQ+ calibration on the
-same images, no distillation, exported with `export`'s default flags (int8 container, int32 conv biases).
+defaults (`--preset onnxruntime`: `--residual-bits 8 --conv-bias int32 --downsample-bits 8
+--shared-block-input --input-proj-bits 8`; no DA), LSQ+ calibration on the same images, no distillation,
+exported with `export`'s default flags (int8 container, int32 conv biases).
 Drift: against the fp32 export on {args.holdout} held-out coco128 images (score: max class probability
 per query; box: |diff| / canvas; labels: share of queries with the fp32 label); with random weights these
 only compare the quantizers, not accuracy. Parity: our export against PyTorch fake-quant on one held-out
