@@ -10,9 +10,8 @@ Stages (library API only; every stage resumes, finished runs are skipped):
    ResNet blocks) built from ``get_preset("detr_r18", ...)``, trained from scratch with the set loss
    (``train.loop.fit``, the loop behind ``train``). Upstream's backbone has frozen batch norm and a frozen
    stem and layer1, right for ImageNet weights but not from scratch (a first attempt that way, its frozen
-   statistics set from one batch of images, stayed at
-   AP50 0.03 after 900 steps, its class loss at the constant prior): here the backbone trains fully, with
-   ordinary batch norm, as ``detr_tiny``'s does. The checkpoint holds the batch norm statistics and loads,
+   statistics set from one batch of images, stayed at AP50 0.03 after 900 steps, its class loss at the
+   constant prior): here the backbone trains fully, with ordinary batch norm, as ``detr_tiny``'s does. The checkpoint holds the batch norm statistics and loads,
    like a pretrained ResNet, with frozen batch norm, which the students keep;
 3. per config (``CONFIGS``) and seed: the teacher quantized 4-4-8 with that config on top of the paper's
    placement, no DA, calibrated LSQ+ on the first ``calib_size`` training images
