@@ -11,8 +11,9 @@ Stages (library API only; every stage resumes, finished runs are skipped):
    (``train.loop.fit``, the loop behind ``train``). Upstream's backbone has frozen batch norm and a frozen
    stem and layer1, right for ImageNet weights but not from scratch (a first attempt that way, its frozen
    statistics set from one batch of images, stayed at AP50 0.03 after 900 steps, its class loss at the
-   constant prior): here the backbone trains fully, with ordinary batch norm, as ``detr_tiny``'s does. The checkpoint holds the batch norm statistics and loads,
-   like a pretrained ResNet, with frozen batch norm, which the students keep;
+   constant prior): here the backbone trains fully, with ordinary batch norm, as ``detr_tiny``'s does.
+   The checkpoint holds the batch norm statistics and loads, like a pretrained ResNet, with frozen batch
+   norm, which the students keep;
 3. per config (``CONFIGS``) and seed: the teacher quantized 4-4-8 with that config on top of the paper's
    placement, no DA, calibrated LSQ+ on the first ``calib_size`` training images
    (``pipeline.quantize_checkpoint``, the same for every seed), then QAT for ``student_steps`` steps with
@@ -50,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+residual+shared": {"residual_bits": 8, "shared_block_input": True},
     "+downsample": {"downsample_bits": 8},
 }
+# "onnxruntime" is the preset as measured in docs/RESULTS.md (commit 7f966e8); later presets may add fields.
 RESULTS = "results.json"
 
 
@@ -262,13 +264,15 @@ def plot(rows: list[dict], teacher: dict | None, png: Path) -> None:
         color = "tab:blue" if r["config"] == "paper" else "tab:orange" if r["config"] == "onnxruntime" \
             else "tab:gray"
         ax.errorbar([x], [100 * m], yerr=[0 if math.isnan(s) else 100 * s], fmt="o", color=color, capsize=3)
-        ax.scatter([x] * len(r["AP50"]), [100 * v for v in r["AP50"].values()], s=10, color=color, alpha=0.4)
+        ax.scatter([x + 0.08] * len(r["AP50"]), [100 * v for v in r["AP50"].values()], s=12, color=color,
+                   alpha=0.6)
     if teacher and teacher.get("metrics"):
         ax.axhline(100 * teacher["metrics"]["AP50"], ls="--", color="k", lw=0.8, label="teacher (float)")
         ax.legend(fontsize=7, loc="lower left")
     ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("AP50 (x100)")
-    ax.set_title("4-4-8 DETR-R18 on shapes: AP50 per config (mean ± std over seeds, dots = seeds)",
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_title("4-4-8 DETR-R18 on shapes: AP50 per config\n(mean ± std over seeds, dots = seeds)",
                  fontsize=9)
     fig.tight_layout()
     with atomic_path(png, suffix=".png") as tmp:
