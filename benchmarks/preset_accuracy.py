@@ -50,8 +50,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+residual": {"residual_bits": 8},
     "+residual+shared": {"residual_bits": 8, "shared_block_input": True},
     "+downsample": {"downsample_bits": 8},
+    "+input_proj": {"input_proj_bits": 8},  # in the preset since 2a2d510, after the study in docs/RESULTS.md
 }
-# "onnxruntime" is the preset as measured in docs/RESULTS.md (commit 7f966e8); later presets may add fields.
+# "onnxruntime" is the preset as measured in docs/RESULTS.md (commit 7f966e8), without input_proj_bits.
 RESULTS = "results.json"
 
 
