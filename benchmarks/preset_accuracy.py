@@ -50,9 +50,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+residual": {"residual_bits": 8},
     "+residual+shared": {"residual_bits": 8, "shared_block_input": True},
     "+downsample": {"downsample_bits": 8},
-    "+input_proj": {"input_proj_bits": 8},  # in the preset since 2a2d510, after the study in docs/RESULTS.md
+    "+input_proj": {"input_proj_bits": 8},
+    # the preset since 2a2d510 (QuantConfig.PRESETS["onnxruntime"]): "onnxruntime" plus input_proj_bits
+    "onnxruntime+input_proj": {"residual_bits": 8, "conv_bias": "int32", "downsample_bits": 8,
+                               "shared_block_input": True, "input_proj_bits": 8},
 }
-# "onnxruntime" is the preset as measured in docs/RESULTS.md (commit 7f966e8), without input_proj_bits.
+# "onnxruntime" is the preset of the first run (commit 7f966e8), without input_proj_bits.
 RESULTS = "results.json"
 
 
