@@ -324,17 +324,23 @@ def test_cli_export_check_prints_table(students: dict[str, Path], tmp_path: Path
     assert "float fake-quant fallback" in result.output  # unsigned 8-bit softmax codes do not fit int8
 
 
-@pytest.mark.slow
-def test_detr_r50_128px_tensorrt(tmp_path: Path) -> None:
-    """DETR-R50, random weights, 4-4-8, 128x128, tensorrt target, one image (about 15 s on 2 cores)."""
+def _random_resnet_detr(preset: str, weight: tuple[float, float] = (0.3, 1.0)) -> torch.nn.Module:
+    """A ResNet DETR preset, random weights (seed 0) and random valid frozen batch-norm statistics, eval."""
     torch.manual_seed(0)
-    model = build_detr(get_preset("detr_r50")).eval()
+    model = build_detr(get_preset(preset)).eval()
     with torch.no_grad():
         for m in model.modules():
             if type(m).__name__ == "FrozenBatchNorm2d":
                 m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 0.5)
+                m.weight.uniform_(*weight)
                 m.bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.slow
+def test_detr_r50_128px_tensorrt(tmp_path: Path) -> None:
+    """DETR-R50, random weights, 4-4-8, 128x128, tensorrt target, one image (about 15 s on 2 cores)."""
+    model = _random_resnet_detr("detr_r50", (0.2, 0.5))
     quantize(model, QuantConfig.from_bits("4-4-8"))
     calibrate(model, [torch.randn(1, 3, 128, 128)], progress=False)
     meta = {"calibration": {"image_size": [128, 128]}}
@@ -440,14 +446,7 @@ def test_int32_bias_carried_by_the_model_exports_exactly(bits: str, tmp_path: Pa
 # --- QuantConfig.residual_bits: the last conv of a ResNet block on integer kernels ------------------------
 
 def _r18_residual(size: int, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_detr(get_preset("detr_r18")).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__ == "FrozenBatchNorm2d":
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.3, 1.0)
-                m.bias.normal_(0, 0.05)
+    model = _random_resnet_detr("detr_r18")
     quantize(model, QuantConfig.from_bits("4-4-8", residual_bits=8, **kwargs))
     return calibrate(model, [torch.randn(1, 3, size, size)], progress=False).eval()
 
@@ -540,14 +539,7 @@ def test_onnxruntime_preset_runs_the_whole_backbone_on_integer_kernels(tmp_path:
     quantizer and input_proj."""
     from qdetr_deploy.engines.onnxruntime import session_options
 
-    torch.manual_seed(0)
-    model = build_detr(get_preset("detr_r18")).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__ == "FrozenBatchNorm2d":
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.3, 1.0)
-                m.bias.normal_(0, 0.05)
+    model = _random_resnet_detr("detr_r18")
     quantize(model, QuantConfig.from_preset("onnxruntime", "4-4-8"))
     calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False).eval()
     meta = {"calibration": {"image_size": [64, 64]}}
