@@ -21,7 +21,7 @@ from qdetr_deploy.errors import QDetrError
 from qdetr_deploy.export.folding import Ctx, act_quant
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower import RULES, missing_rules
-from qdetr_deploy.export.lower.registry import CONSUMES
+from qdetr_deploy.export.lower.registry import CONSUMES, lower
 from qdetr_deploy.export.onnx_export import build_onnx
 from qdetr_deploy.models import build_detr, get_preset
 from qdetr_deploy.models.attention import MultiheadAttention
@@ -157,3 +157,30 @@ def test_per_channel_zero_points_clip_each_channel(bits: int, signed: bool, zero
     assert np.array_equal(y, expected)
     for c, z in enumerate(zero_points):  # each channel reaches exactly its own code range
         assert torch_codes[0, c].min() == qn and torch_codes[0, c].max() == qp, (c, z)
+
+
+@pytest.mark.parametrize("opset", [16, 17, 21])
+def test_distribution_alignment_matches_pytorch(opset: int) -> None:
+    """DA (quant/align.py) lowered alone: from opset 17 one LayerNormalization with the unbiased variance
+    folded into its epsilon and scale, before that spelled out; both give PyTorch's output on random
+    queries of an awkward head size (d = 24, values far from zero mean and unit variance)."""
+    from qdetr_deploy.export.lower.registry import LowerCtx
+    from qdetr_deploy.quant.align import DistributionAlignment
+
+    torch.manual_seed(0)
+    da = DistributionAlignment(24, eps=1e-3)
+    with torch.no_grad():
+        da.scale.normal_(1.0, 0.3)
+        da.bias.normal_(0.0, 0.5)
+    ctx = LowerCtx(GraphBuilder(opset), "onnxruntime", "int8", names={da: "da"})
+    out = lower(ctx, da, "q")
+    ops = {n.op_type for n in ctx.g.nodes}
+    assert (ops == {"LayerNormalization"}) if opset >= 17 else ("LayerNormalization" not in ops), ops
+    proto = ctx.g.model([helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 3, 7, 24])],
+                        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 7, 24])])
+    q = (torch.randn(1, 3, 7, 24) * 4 + 3) * torch.rand(1, 3, 7, 1)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"q": q.numpy()})[0]
+    with torch.no_grad():
+        expected = da(q).numpy()
+    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)

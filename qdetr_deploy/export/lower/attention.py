@@ -85,8 +85,16 @@ def attention(ctx: LowerCtx, mha: MultiheadAttention, query: str, key: str, valu
 @lowers(DistributionAlignment)
 def distribution_alignment(ctx: LowerCtx, da: DistributionAlignment, q: str) -> str:
     """DA (quant/align.py), float, on q [B,h,L,d]: scale * (q - mean) / sqrt(unbiased var + eps) + bias over
-    the last axis."""
+    the last axis. Opset >= 17: one LayerNormalization, the unbiased variance folded into its constants
+    (``var_u = var * d / (d-1)``: epsilon ``eps * (d-1) / d``, scale ``scale * sqrt((d-1) / d)``); older
+    opsets spell it out."""
     g, name, d = ctx.g, ctx.name(da), da.scale.shape[-1]
+    if g.opset >= 17:
+        ratio = (d - 1) / d
+        gamma = (_np(da.scale).reshape(-1).astype(np.float64) * np.sqrt(ratio)).astype(np.float32)
+        return g.node("LayerNormalization", [q, g.const(f"{name}.scale", gamma),
+                                             g.const(f"{name}.bias", _np(da.bias).reshape(-1))],
+                      f"{name}/LayerNormalization", axis=-1, epsilon=float(da.eps * ratio))
     centred = g.node("Sub", [q, reduce(ctx, "ReduceMean", q, [-1], f"{name}/ReduceMean")], f"{name}/Sub")
     sq = g.node("Mul", [centred, centred], f"{name}/Square")
     var = g.node("Div", [reduce(ctx, "ReduceSum", sq, [-1], f"{name}/ReduceSum"),
