@@ -573,5 +573,9 @@ def test_onnxruntime_preset_runs_the_whole_backbone_on_integer_kernels(tmp_path:
     pool = next(n for n in nodes if n.op_type == "MaxPool")
     assert producer[pool.input[0]].op_type == "QLinearConv"  # the stem's uint8 codes are pooled
     dq = [n.name for n in nodes if "backbone" in n.name and n.op_type == "DequantizeLinear"]
-    assert dq == ["backbone.0.body.layer4.1.out_act/DequantizeLinear"], dq  # into the float input_proj
-    assert [n.op_type for n in nodes if n.op_type == "Conv"] == ["Conv"]  # input_proj, full precision
+    assert dq == [], dq
+    assert not [n for n in nodes if n.op_type == "Conv"]
+    # input_proj (8-bit) reads the last block's codes on the sequence: one integer matmul with its bias
+    (proj,) = [n for n in nodes if n.name == "input_proj/MatMul"]
+    assert proj.op_type == "MatMulIntegerToFloat" and len(proj.input) == 7, proj
+    assert producer[proj.input[0]].name == "input_proj/to_sequence"

@@ -119,7 +119,9 @@ class GraphBuilder:
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
               graph_name: str = "qdetr") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="qdetr-deploy")
+        opsets = [helper.make_opsetid("", self.opset)]
+        extra = sorted({n.domain for n in self.nodes} - {"", "ai.onnx"})  # com.microsoft (ort_fusion)
+        opsets += [helper.make_opsetid(d, 1) for d in extra]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qdetr-deploy")
         model.ir_version = min(onnx.IR_VERSION, 10)
         return model

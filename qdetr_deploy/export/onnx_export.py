@@ -36,6 +36,7 @@ from qdetr_deploy.export.folding import CONTAINERS, CONV_BIASES, TARGETS, Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower import LowerCtx, check_rules, lower
 from qdetr_deploy.export.lower.heads import POSTPROCESS, SCORING
+from qdetr_deploy.export.ort_fusion import fuse_matmul_bias
 from qdetr_deploy.export.trt_lint import DEFAULT_TRT_VERSION, check_trt_version, opset_range
 from qdetr_deploy.io import atomic_path, check_output_path, write_json
 from qdetr_deploy.quant.api import is_quantized
@@ -104,6 +105,8 @@ def build_onnx(model: nn.Module, image_size: tuple[int, int], *, opset: int | No
     internal = {"pred_logits": logits, "pred_boxes": boxes} if postprocess else {}
     if postprocess and ctx.topk_index:
         internal["topk_index"] = ctx.topk_index
+    if target == "onnxruntime":
+        fuse_matmul_bias(g)
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [b, 3, H, W])]
     outputs = [helper.make_tensor_value_info(n, t, s) for n, _, t, s in outs]
     onnx_model = g.model(inputs, outputs)

@@ -9,9 +9,11 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
-from qdetr_deploy.export.lower.layers import reduce
+from qdetr_deploy.export.folding import _np, act_quant, weight_dq
+from qdetr_deploy.export.lower.layers import matmul_bias, reduce
 from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
 from qdetr_deploy.models.detr import DETR, MLP
+from qdetr_deploy.quant.modules import QuantConv2d
 
 
 @lowers(DETR, consumes=(nn.Embedding,))
@@ -23,11 +25,44 @@ def detr(ctx: LowerCtx, model: DETR, images: str) -> tuple[str, str]:
     # quantized by the backbone's last conv, or the last ResNet block's codes (QuantConfig.shared_block_input)
     pre = (getattr(model.input_proj, "shared_input", False)
            or any(r.module == f"{proj}.act" for r in ctx.g.acts))
-    src = lower(ctx, model.input_proj, features, quantized_input=pre)
-    hs = lower(ctx, model.transformer, src, pos, model.query_embed.weight)
+    seq = input_proj_sequence(ctx, model.input_proj, features, pre)
+    src = seq or lower(ctx, model.input_proj, features, quantized_input=pre)
+    hs = lower(ctx, model.transformer, src, pos, model.query_embed.weight, sequence=seq is not None)
     logits = lower(ctx, model.class_embed, hs)
     boxes = lower(ctx, model.bbox_embed, hs)
     return logits, ctx.g.node("Sigmoid", [boxes], f"{ctx.name(model.bbox_embed)}/Sigmoid")
+
+
+def input_proj_sequence(ctx: LowerCtx, proj: nn.Module, features: str, pre: bool) -> str | None:
+    """The quantized 1x1 ``input_proj`` as a MatMul on the sequence for onnxruntime: features [B,C,h,w] ->
+    [hw,B,D], the transformer's input (its flatten and transpose done here, on the codes). A Conv whose
+    output is not quantized gets no QLinearConv: onnxruntime would run its DequantizeLinears and a float
+    Conv; as DequantizeLinear -> MatMul it is a MatMulIntegerToFloat. None: keep the Conv (other targets, a
+    float or per-channel-input projection)."""
+    if (ctx.target != "onnxruntime" or not isinstance(proj, QuantConv2d) or proj.kernel_size != (1, 1)
+            or proj.stride != (1, 1) or proj.groups != 1 or proj.padding != (0, 0)):
+        return None
+    g, name = ctx.g, ctx.name(proj)
+    to_seq = g.const(f"{name}.flatten_shape", [0, 0, -1], np.int64)
+    if pre:  # the codes of the quantizer before: move them, then dequantize next to the MatMul
+        dq = next((n for n in g.nodes if features in n.output), None)
+        if dq is None or dq.op_type != "DequantizeLinear" or any(a.name == "axis" for a in dq.attribute):
+            return None
+        codes = g.node("Reshape", [dq.input[0], to_seq], f"{name}/flatten")
+        codes = g.node("Transpose", [codes], f"{name}/to_sequence", perm=[2, 0, 1])  # [hw,B,C]
+        x = g.node("DequantizeLinear", [codes, *dq.input[1:]], f"{name}.act/DequantizeLinear")
+        if not any(features in n.input for n in g.nodes):
+            g.nodes.remove(dq)  # the Conv form's dequantization, now read by nothing
+    else:
+        if proj.act is None or proj.act.channel_dim is not None:
+            return None
+        x = g.node("Reshape", [features, to_seq], f"{name}/flatten")
+        x = g.node("Transpose", [x], f"{name}/to_sequence", perm=[2, 0, 1])
+        x = act_quant(ctx, x, proj.act, f"{name}.act", axis=-1)
+    codes_w, step, bits = proj.weight_qparams()
+    w = weight_dq(ctx, _np(codes_w).reshape(codes_w.shape[0], -1).T, _np(step).reshape(-1), bits, name,
+                  axis=1)
+    return matmul_bias(ctx, x, w, proj.bias, name)  # [hw,B,D]
 
 
 @lowers(MLP, consumes=(nn.ModuleList,))

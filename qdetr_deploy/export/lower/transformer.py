@@ -20,16 +20,21 @@ from qdetr_deploy.models.transformer import (
 
 
 @lowers(Transformer)
-def transformer(ctx: LowerCtx, module: Transformer, src: str, pos: str, query_embed: torch.Tensor) -> str:
-    """src [B,D,h,w], pos [hw,1,D], query_embed (the parameter, [Q,D]) -> hs of the last decoder layer,
-    batch first [B,Q,D] (the heads read only that one: no auxiliary outputs)."""
+def transformer(ctx: LowerCtx, module: Transformer, src: str, pos: str, query_embed: torch.Tensor, *,
+                sequence: bool = False) -> str:
+    """src [B,D,h,w] (or already the sequence [hw,B,D] when ``sequence``), pos [hw,1,D], query_embed (the
+    parameter, [Q,D]) -> hs of the last decoder layer, batch first [B,Q,D] (the heads read only that one:
+    no auxiliary outputs)."""
     g = ctx.g
     query = query_embed.detach()[:, None, :]  # [Q,1,D], broadcast against the batch
     query_pos = g.const("query_embed.weight", query.numpy())
     tgt = g.const(f"{ctx.name(module.decoder)}.tgt", np.zeros(query.shape, np.float32))
-    src = g.node("Reshape", [src, g.const("transformer.flatten_shape", [0, 0, -1], np.int64)],
-                 "transformer/flatten")
-    memory = g.node("Transpose", [src], "transformer/to_sequence", perm=[2, 0, 1])  # [hw,B,D]
+    if sequence:
+        memory = src
+    else:
+        src = g.node("Reshape", [src, g.const("transformer.flatten_shape", [0, 0, -1], np.int64)],
+                     "transformer/flatten")
+        memory = g.node("Transpose", [src], "transformer/to_sequence", perm=[2, 0, 1])  # [hw,B,D]
     memory = lower(ctx, module.encoder, memory, pos)
     hs = lower(ctx, module.decoder, tgt, memory, pos, query_pos)
     return g.node("Transpose", [hs], "transformer/to_batch_first", perm=[1, 0, 2])  # [B,Q,D]
