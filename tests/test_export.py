@@ -29,7 +29,7 @@ from qdetr_deploy.export.check import check_onnx, random_images
 from qdetr_deploy.export.folding import Ctx
 from qdetr_deploy.export.graph import GraphBuilder
 from qdetr_deploy.export.lower.layers import linear_as
-from qdetr_deploy.export.onnx_export import build_onnx, export_onnx
+from qdetr_deploy.export.onnx_export import build_onnx, export_onnx, save_onnx
 from qdetr_deploy.export.trt_lint import lint_tensorrt
 from qdetr_deploy.models import build_detr, get_preset
 from qdetr_deploy.quant import QuantConfig, calibrate, quantize
@@ -579,3 +579,24 @@ def test_onnxruntime_preset_runs_the_whole_backbone_on_integer_kernels(tmp_path:
     (proj,) = [n for n in nodes if n.name == "input_proj/MatMul"]
     assert proj.op_type == "MatMulIntegerToFloat" and len(proj.input) == 7, proj
     assert producer[proj.input[0]].name == "input_proj/to_sequence"
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_quantized_input_proj_on_a_float_block_output(tmp_path: Path, target: str) -> None:
+    """The paper's placement plus ``input_proj_bits``: the last ResNet block's output is float, so
+    input_proj quantizes it itself. onnxruntime: a MatMul on the sequence (flatten, transpose, then its own
+    quantizer) that runs as one MatMulIntegerToFloat with its bias; tensorrt keeps the Conv. Both match
+    PyTorch."""
+    model = _random_resnet_detr("detr_r18")
+    quantize(model, QuantConfig.from_preset("paper", "4-4-8", input_proj_bits=8))
+    calibrate(model, [torch.randn(1, 3, 64, 64)], progress=False).eval()
+    proto, _ = build_onnx(model, (64, 64), target=target)
+    path = save_onnx(proto, tmp_path / "m.onnx")
+    report = check_onnx(path, model, random_images(1, (64, 64), seed=5))
+    assert report.passed, report.table()
+    ops = {n.name: n.op_type for n in proto.graph.node if n.name.startswith("input_proj")}
+    if target == "onnxruntime":
+        assert ops["input_proj/MatMul"] == "MatMulIntegerToFloat" and "input_proj/Conv" not in ops, ops
+        assert ops["input_proj.act/QuantizeLinear"] == "QuantizeLinear", ops
+    else:
+        assert ops["input_proj/Conv"] == "Conv", ops

@@ -498,7 +498,8 @@ def _hooked_forward(model: nn.Module, images: np.ndarray, forced: dict[str, tupl
 
 def _to_torch_codes(onnx_codes: np.ndarray, rec: dict, shape: tuple[int, ...]) -> np.ndarray:
     """The graph's codes of quantizer ``rec`` in PyTorch's convention: minus the dtype shift, the ``kT``
-    layout swapped back, broadcast to ``shape`` (PyTorch's input shape; int64, possibly a broadcast view)."""
+    layout swapped back (``seq``: the sequence [hw,B,C] back to [B,C,h,w]), broadcast to ``shape`` (PyTorch's
+    input shape; int64, possibly a broadcast view)."""
     shift = np.asarray(rec["shift"], np.int64)
     if rec["axis"] is not None and shift.size > 1:
         shift_shape = [1] * onnx_codes.ndim
@@ -507,6 +508,8 @@ def _to_torch_codes(onnx_codes: np.ndarray, rec: dict, shape: tuple[int, ...]) -
     c = onnx_codes.astype(np.int64) - shift
     if rec["layout"] == "kT":
         c = np.swapaxes(c, -1, -2)
+    elif rec["layout"] == "seq":  # [hw,B,C] on the graph, [B,C,h,w] in PyTorch
+        c = np.transpose(c, (1, 2, 0)).reshape(shape)
     return np.broadcast_to(c, shape)
 
 

@@ -32,7 +32,8 @@ class ActRecord:
 
     ``codes``: the tensor holding its integer codes (a QuantizeLinear output, or the Clip output of a
     float fake-quant subgraph); ``shift``: graph code minus PyTorch code (per channel when ``axis`` is
-    set); ``layout``: "same" or "kT" (the graph holds k transposed, [B,h,d,L]); ``mode``: "qdq",
+    set); ``layout``: "same", "kT" (the graph holds k transposed, [B,h,d,L]) or "seq" (a [B,C,h,w] activation
+    held as the sequence [hw,B,C]); ``mode``: "qdq",
     "clip+qdq" (the codes need a Clip to their narrow range: on the float input, or on the codes after the Q
     for onnxruntime), "q+uint8 clip+dq" (a conv's uint8 output clipped) or "float" (fake-quant fallback,
     ``reason`` says why).

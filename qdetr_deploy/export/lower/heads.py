@@ -58,7 +58,7 @@ def input_proj_sequence(ctx: LowerCtx, proj: nn.Module, features: str, pre: bool
             return None
         x = g.node("Reshape", [features, to_seq], f"{name}/flatten")
         x = g.node("Transpose", [x], f"{name}/to_sequence", perm=[2, 0, 1])
-        x = act_quant(ctx, x, proj.act, f"{name}.act", axis=-1)
+        x = act_quant(ctx, x, proj.act, f"{name}.act", axis=-1, layout="seq")
     codes_w, step, bits = proj.weight_qparams()
     w = weight_dq(ctx, _np(codes_w).reshape(codes_w.shape[0], -1).T, _np(step).reshape(-1), bits, name,
                   axis=1)
