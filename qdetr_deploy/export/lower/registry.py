@@ -73,6 +73,20 @@ def lower(ctx: LowerCtx, module: nn.Module, *inputs: Any, **options: Any) -> Any
     return rule(ctx, module, *inputs, **options)
 
 
+def mark_lowered_tree(ctx: LowerCtx, *modules: nn.Module) -> None:
+    """Record ``modules`` and every descendant whose rule would have run under them as lowered: a rule that
+    replaced their subgraph with its value (a constant) has their nodes all the same."""
+    def walk(module: nn.Module, owner: type | None) -> None:
+        kind = type(module)
+        if kind in RULES and not (owner is not None and kind in CONSUMES[owner]):
+            ctx.lowered.append(ctx.names.get(module, ""))
+        for child in module.children():
+            walk(child, kind if kind in RULES else owner)
+
+    for m in modules:
+        walk(m, None)
+
+
 def missing_rules(model: nn.Module) -> list[tuple[str, str]]:
     """(module name, class name) of every module of ``model`` that has no rule and that the rule lowering
     it (the nearest ancestor with a rule) does not declare as consumed."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers
+from qdetr_deploy.export.lower.registry import LowerCtx, lower, lowers, mark_lowered_tree
 from qdetr_deploy.models.transformer import (
     Transformer,
     TransformerDecoder,
@@ -36,8 +36,28 @@ def transformer(ctx: LowerCtx, module: Transformer, src: str, pos: str, query_em
                      "transformer/flatten")
         memory = g.node("Transpose", [src], "transformer/to_sequence", perm=[2, 0, 1])  # [hw,B,D]
     memory = lower(ctx, module.encoder, memory, pos)
-    hs = lower(ctx, module.decoder, tgt, memory, pos, query_pos)
+    first = first_self_attention(ctx, module.decoder.layers[0], query)
+    hs = lower(ctx, module.decoder, tgt, memory, pos, query_pos, first_self=first)
     return g.node("Transpose", [hs], "transformer/to_batch_first", perm=[1, 0, 2])  # [B,Q,D]
+
+
+def first_self_attention(ctx: LowerCtx, layer: nn.Module, query: torch.Tensor) -> str | None:
+    """The first decoder layer's self-attention block, ``norm1(tgt + self_attn(tgt + query_pos, ..., tgt))``
+    with tgt = 0, depends on no input: PyTorch computes it once here and the graph holds the result, a
+    [Q,1,D] constant (onnxruntime folds it in a float graph itself, but never through Q/DQ nodes). None
+    when a quantizer in it is uncalibrated or observing (its rule then says so)."""
+    from qdetr_deploy.quant.quantizers import ActQuantizer
+
+    modules = [layer.self_attn, layer.norm1]
+    acts = [m for top in modules for m in top.modules() if isinstance(m, ActQuantizer)]
+    if any(not a.initialised or a.observer is not None for a in acts):
+        return None
+    with torch.no_grad():
+        zeros = torch.zeros_like(query)  # [Q,1,D]
+        q = zeros + query
+        out = layer.norm1(zeros + layer.self_attn(q, q, zeros))
+    mark_lowered_tree(ctx, *modules)
+    return ctx.g.const(f"{ctx.name(layer)}.self_attn_block", out.numpy())
 
 
 @lowers(TransformerEncoder, consumes=(nn.ModuleList,))
@@ -50,10 +70,11 @@ def encoder(ctx: LowerCtx, module: TransformerEncoder, src: str, pos: str) -> st
 
 @lowers(TransformerDecoder, consumes=(nn.ModuleList,))
 def decoder(ctx: LowerCtx, module: TransformerDecoder, tgt: str, memory: str, pos: str,
-            query_pos: str) -> str:
-    """The decoder layers in turn; the shared ``norm`` on the last one's output only: [Q,B,D]."""
-    for layer in module.layers:
-        tgt = lower(ctx, layer, tgt, memory, pos, query_pos)
+            query_pos: str, first_self: str | None = None) -> str:
+    """The decoder layers in turn; the shared ``norm`` on the last one's output only: [Q,B,D].
+    ``first_self``: the first layer's self-attention block as a constant (:func:`first_self_attention`)."""
+    for i, layer in enumerate(module.layers):
+        tgt = lower(ctx, layer, tgt, memory, pos, query_pos, self_out=first_self if i == 0 else None)
     return lower(ctx, module.norm, tgt)
 
 
@@ -80,12 +101,15 @@ def encoder_layer(ctx: LowerCtx, layer: TransformerEncoderLayer, src: str, pos: 
 
 @lowers(TransformerDecoderLayer, consumes=(nn.Dropout,))
 def decoder_layer(ctx: LowerCtx, layer: TransformerDecoderLayer, tgt: str, memory: str, pos: str,
-                  query_pos: str) -> str:
+                  query_pos: str, self_out: str | None = None) -> str:
     """Post-norm: self-attention on tgt + query_pos, cross-attention of tgt + query_pos on memory + pos,
-    FFN; add & norm after each."""
+    FFN; add & norm after each. ``self_out``: the self-attention block's output (norm1's), given."""
     g, name = ctx.g, ctx.name(layer)
-    q = g.node("Add", [tgt, query_pos], f"{name}/with_query_pos")
-    tgt = add_norm(ctx, tgt, lower(ctx, layer.self_attn, q, q, tgt), layer.norm1, f"{name}/residual1")
+    if self_out is None:
+        q = g.node("Add", [tgt, query_pos], f"{name}/with_query_pos")
+        tgt = add_norm(ctx, tgt, lower(ctx, layer.self_attn, q, q, tgt), layer.norm1, f"{name}/residual1")
+    else:
+        tgt = self_out
     q = g.node("Add", [tgt, query_pos], f"{name}/cross_query_pos")
     k = g.node("Add", [memory, pos], f"{name}/cross_key_pos")
     tgt2 = lower(ctx, layer.multihead_attn, q, k, memory)
