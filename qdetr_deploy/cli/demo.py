@@ -18,9 +18,9 @@ def demo(workdir: str, quick: bool, fresh: bool) -> None:
     click.echo("\n" + format_table(summary))
     big = summary["speed_size"]
     click.echo(f"\nsize and operations as deployed (docs/ACCOUNTING.md); latency: ONNX Runtime on this CPU, "
-               f"batch 1, each engine in its own process: on the validation images (96x96) and, same "
-               f"checkpoints, at {big}x{big} on random input, where the integer kernels outweigh the graph "
-               f"overhead.\nreport and plots: {summary['report_dir']}/ (bench.md, latency.png, "
+               f"batch 1, the two engines taking turns in one process: on the validation images (96x96) "
+               f"and, same checkpoints, at {big}x{big} on random input, where the integer kernels outweigh "
+               f"the graph overhead.\nreport and plots: {summary['report_dir']}/ (bench.md, latency.png, "
                f"ap_vs_latency.png); all artefacts: {summary['workdir']}/")
 
 
