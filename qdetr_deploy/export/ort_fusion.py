@@ -10,7 +10,7 @@ percent of a small model's time). The kernel and its arithmetic are the ones onn
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qdetr_deploy.export.graph import GraphBuilder
 
@@ -42,14 +42,15 @@ def fuse_matmul_bias(g: GraphBuilder) -> int:
                 and add.input[1] in inits):
             continue
         bias = numpy_helper.to_array(inits[add.input[1]])
-        n_out = numpy_helper.to_array(inits[b.input[0]]).shape[-1]
+        n_out = inits[b.input[0]].dims[-1]
         if bias.size != n_out or bias.dtype != np.float32:
             continue
         bias_1d = g.const(f"{add.input[1]}_1d", bias.reshape(-1))
         zp = [a.input[2] if len(a.input) > 2 else "", b.input[2] if len(b.input) > 2 else ""]
         # the MatMul's name (its module's) stays; the Add's output name stays for its readers
-        mm = _node([a.input[0], b.input[0], a.input[1], b.input[1], *zp, bias_1d], add.output[0], n.name)
-        fused[id(n)] = mm
+        inputs = [a.input[0], b.input[0], a.input[1], b.input[1], *zp, bias_1d]
+        fused[id(n)] = helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0]], name=n.name,
+                                        domain=MS_DOMAIN)
         drop.add(id(add))
         for dq in (a, b):
             if readers[dq.output[0]] == 1:
@@ -79,8 +80,3 @@ def _weight_dq(node, inits: dict) -> bool:
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
     return w is not None and w.data_type == TensorProto.INT8 and len(w.dims) == 2 and axis in (1, -1)
 
-
-def _node(inputs: list[str], output: str, name: str):
-    from onnx import helper
-
-    return helper.make_node("MatMulIntegerToFloat", inputs, [output], name=name, domain=MS_DOMAIN)

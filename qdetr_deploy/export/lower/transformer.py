@@ -17,6 +17,7 @@ from qdetr_deploy.models.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from qdetr_deploy.quant.quantizers import ActQuantizer
 
 
 @lowers(Transformer)
@@ -46,8 +47,6 @@ def first_self_attention(ctx: LowerCtx, layer: nn.Module, query: torch.Tensor) -
     with tgt = 0, depends on no input: PyTorch computes it once here and the graph holds the result, a
     [Q,1,D] constant (onnxruntime folds it in a float graph itself, but never through Q/DQ nodes). None
     when a quantizer in it is uncalibrated or observing (its rule then says so)."""
-    from qdetr_deploy.quant.quantizers import ActQuantizer
-
     modules = [layer.self_attn, layer.norm1]
     acts = [m for top in modules for m in top.modules() if isinstance(m, ActQuantizer)]
     if any(not a.initialised or a.observer is not None for a in acts):
